@@ -1,0 +1,253 @@
+"""Configuration: frozen dataclasses, YAML instances and dotted CLI overrides.
+
+Architecture comes from a checkpoint's `config.json` (`ModelConfig.from_hf_config`) and is never
+restated in YAML; YAML files in `configs/` only hold run-time knobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem that is reported to the user as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA-family architecture, read from a Hugging Face `config.json`.
+
+    `rope_scaling` is a sorted tuple of (key, value) pairs so the config stays hashable and can be
+    closed over or passed as a static jit argument.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"unsupported rope scaling type {self.rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        return dict(self.rope_scaling or ()).get("rope_type", "default")
+
+    @property
+    def pad_id(self) -> int:
+        """Token used to fill finished rows and padding: pad if the checkpoint has one, else EOS."""
+        return self.pad_token_id if self.pad_token_id is not None else self.eos_token_ids[0]
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+        """Builds the config from a parsed HF `config.json`, refusing unsupported models."""
+        archs = hf.get("architectures") or [
+            "LlamaForCausalLM" if hf.get("model_type") == "llama" else hf.get("model_type")
+        ]
+        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ConfigError(
+                f"unsupported architecture {archs}: bita_jax supports {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"unsupported LLaMA variant: {flag}=true")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (LLaMA uses silu)")
+        # transformers >= 5 writes `rope_parameters` (theta inside); older files use
+        # `rope_theta` plus `rope_scaling` whose type key was once called "type".
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope_scaling = tuple(sorted({**rope, "rope_type": rope_type}.items()))
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        if not eos_ids:
+            raise ConfigError("config.json has no eos_token_id")
+        num_heads = hf["num_attention_heads"]
+        values = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **overrides) -> "ModelConfig":
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"model directory not found: {model_dir}")
+        if not os.path.isfile(path):
+            raise ConfigError(f"no config.json in model directory {model_dir}")
+        with open(path) as f:
+            return cls.from_hf_config(json.load(f), **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class BiTAConfig:
+    """The BiTA plug-in: P prompt tokens (per-layer prefix K/V) and M mask tokens."""
+
+    num_prompt_tokens: int = 16
+    num_mask_tokens: int = 3
+    prefix_dropout: float = 0.1
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_prompt_tokens < 1 or self.num_mask_tokens < 1:
+            raise ConfigError("num_prompt_tokens and num_mask_tokens must be >= 1")
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise ConfigError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over axes (data, fsdp, tensor); -1 in one axis takes the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """Parses `data=A,fsdp=B,tensor=C` (any subset)."""
+        fields = {}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in ("data", "fsdp", "tensor"):
+                raise ConfigError(f"bad --mesh entry {item!r}: expected data=A,fsdp=B,tensor=C")
+            try:
+                fields[key.strip()] = int(value)
+            except ValueError:
+                raise ConfigError(f"bad --mesh entry {item!r}: size must be an integer") from None
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict/YAML plumbing with dotted overrides.
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Converts a YAML/CLI value to the field's annotated type (nested dataclasses included)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)][:1] or (Any,)
+        return _convert(value, annotation, where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return from_dict(annotation, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list")
+        inner = args[0] if args else Any
+        return tuple(_convert(v, inner, where) for v in value)
+    if annotation is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if annotation in (int, float, str) and value is not None:
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict[str, Any], where: str = "config"):
+    """Builds dataclass `cls` from a nested dict, rejecting unknown keys with their dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]} (valid: {', '.join(sorted(names))})")
+    return cls(**{k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+def to_dict(obj) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (tuples become lists) for YAML/JSON."""
+
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(obj))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies `a.b=c` overrides (values parsed as YAML scalars) to a nested dict copy."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad override {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data

@@ -1,0 +1,208 @@
+"""LLaMA in Flax Linen, pure-functional, with scanned layers and an explicit KV cache.
+
+The model never owns state: params come in, hidden states and the step's new keys/values come out.
+The caller supplies the attention mask between the step's own tokens; committed tokens in the cache
+are visible to every row up to each row's cache length. BiTA enters through `adapter`, a separate
+pytree: mask-token embeddings (ids V..V+M-1) and per-layer prefix keys/values that only rows with
+`prefix_visible` attend to, so rows without it compute exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bita_jax.config import ModelConfig
+from bita_jax.kv_cache import KVCache
+from bita_jax.layers import RMSNorm, apply_rope, attend, rope_inv_freq
+
+Adapter = dict  # {"prefix_keys", "prefix_values": [L, P, N, H], "mask_embeddings": [M, D]}
+
+
+def _init():
+    return nn.initializers.normal(stddev=0.02)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible):
+        """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens)."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        G = c.num_heads // c.num_kv_heads
+
+        def proj(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(_init(), axes), shape, dt)
+
+        wq = proj("q_proj", (c.hidden_size, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"))
+        wk = proj("k_proj", (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+        wv = proj("v_proj", (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+        wo = proj("o_proj", (c.num_heads, c.head_dim, c.hidden_size), ("q_heads", "head_dim", "embed"))
+
+        inv_freq = rope_inv_freq(c)
+        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq), positions, inv_freq)  # [B, T, N, H]
+        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk), positions, inv_freq)  # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", x, wv)  # [B, T, K, H]
+        q = (q * c.head_dim**-0.5).reshape(*q.shape[:2], c.num_kv_heads, G, c.head_dim)
+
+        blocks = []
+        if layer_cache is not None:
+            blocks.append((layer_cache[0], layer_cache[1], cache_mask))
+        blocks.append((k, v, self_mask))
+        prefix = None
+        if layer_prefix is not None:
+            # The prefix has one key/value per query head; it is never rotated.
+            pk, pv = (p.astype(dt).reshape(-1, c.num_kv_heads, G, c.head_dim) for p in layer_prefix)
+            prefix = (pk, pv, prefix_visible)
+        with jax.named_scope("attn"):
+            out = attend(q, blocks, prefix)  # [B, T, K, G, H]
+        out = out.reshape(*out.shape[:2], c.num_heads, c.head_dim)
+        return jnp.einsum("btnh,nhd->btd", out, wo), (k, v)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """SwiGLU: [B, T, D] -> [B, T, D]."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+
+        def proj(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(_init(), axes), shape, dt)
+
+        gate = jnp.einsum("btd,df->btf", x, proj("gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp")))
+        up = jnp.einsum("btd,df->btf", x, proj("up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp")))
+        down = proj("down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
+        return jnp.einsum("btf,fd->btd", nn.silu(gate) * up, down)
+
+
+class Block(nn.Module):
+    """One decoder layer; called by `nn.scan` with (carry, per-layer inputs, broadcast inputs)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        norm = lambda name: RMSNorm(c.rms_norm_eps, dt, dt, name=name)  # noqa: E731
+        attn_out, new_kv = Attention(c, name="self_attn")(
+            norm("input_layernorm")(x), positions, layer_cache, layer_prefix,
+            self_mask, cache_mask, prefix_visible,
+        )
+        x = x + attn_out
+        x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        return x, new_kv
+
+
+class LlamaModel(nn.Module):
+    """The LLaMA decoder. `__call__` returns final hidden states; `logits` applies the LM head."""
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        self.embed_tokens = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(_init(), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            dt,
+        )
+        block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.norm = RMSNorm(c.rms_norm_eps, dt, dt)
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(_init(), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size),
+                dt,
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        self_mask: jax.Array,
+        cache: KVCache | None = None,
+        adapter: Adapter | None = None,
+        prefix_visible: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Runs the decoder over one chunk of tokens.
+
+        Args:
+          tokens: [B, T] int32; ids >= V select BiTA mask embeddings (id V + k is mask k).
+          positions: [B, T] int32 rotary positions.
+          self_mask: [B, T, T] bool, which of this chunk's tokens each row sees.
+          cache: committed tokens' keys/values; row b sees its first `cache.length[b]` slots.
+          adapter: BiTA params (prefix keys/values [L, P, N, H], mask embeddings [M, D]).
+          prefix_visible: [B, T] bool, rows that attend to the prefix (required with adapter).
+
+        Returns:
+          hidden [B, T, D] after the final norm, and (k, v) [L, B, T, K, H] of this chunk, for
+          the caller to write into the cache.
+        """
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        x = jnp.take(self.embed_tokens, jnp.clip(tokens, 0, c.vocab_size - 1), axis=0)
+        if adapter is not None:
+            mask_emb = adapter["mask_embeddings"].astype(dt)
+            extra = jnp.take(mask_emb, jnp.clip(tokens - c.vocab_size, 0, mask_emb.shape[0] - 1), axis=0)
+            x = jnp.where((tokens >= c.vocab_size)[..., None], extra, x)
+        x = nn.with_logical_constraint(x.astype(dt), ("batch", "seq", "embed"))
+
+        layer_cache = cache_mask = None
+        if cache is not None:
+            layer_cache = (cache.k, cache.v)
+            slots = jnp.arange(cache.max_len)
+            cache_mask = jnp.broadcast_to(
+                (slots[None, :] < cache.length[:, None])[:, None, :],
+                (tokens.shape[0], tokens.shape[1], cache.max_len),
+            )
+        layer_prefix = None
+        if adapter is not None:
+            layer_prefix = (adapter["prefix_keys"], adapter["prefix_values"])
+            if prefix_visible is None:
+                raise ValueError("prefix_visible is required when an adapter is given")
+        x, new_kv = self.layers(
+            x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible
+        )
+        return self.norm(x), new_kv
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] -> [..., V] float32 logits."""
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head, preferred_element_type=jnp.float32)
+
+
+def causal_mask(batch: int, length: int) -> jax.Array:
+    """[B, T, T] lower-triangular mask for plain causal attention."""
+    return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+
+
+def abstract_params(config: ModelConfig):
+    """Param tree of `nn.LogicallyPartitioned` boxes around ShapeDtypeStructs (no memory)."""
+    model = LlamaModel(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, causal_mask(1, 1))["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Randomly initialised params (unboxed), N(0, 0.02) like HF's initializer_range."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(LlamaModel(config).init(rng, tokens, tokens, causal_mask(1, 1))["params"])

@@ -108,7 +108,11 @@ class GenerationState:
 
 
 def record_tokens(
-    state: GenerationState, new_tokens: jax.Array, num_new: jax.Array, max_new_tokens: int, eos_ids: tuple[int, ...]
+    state: GenerationState,
+    new_tokens: jax.Array,
+    num_new: jax.Array,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
 ) -> tuple[GenerationState, jax.Array]:
     """Appends each row's first num_new [B] of new_tokens [B, R], trimmed at EOS and max_new_tokens.
 
@@ -136,8 +140,14 @@ def record_tokens(
 
 
 def initial_state(
-    model: LlamaModel, params, tokens: jax.Array, prompt_lens: jax.Array, max_len: int, max_new_tokens: int,
-    step_rows: int, extra: Any = None,
+    model: LlamaModel,
+    params,
+    tokens: jax.Array,
+    prompt_lens: jax.Array,
+    max_len: int,
+    max_new_tokens: int,
+    step_rows: int,
+    extra: Any = None,
 ) -> GenerationState:
     """Prefills the cache and builds the loop carry; the last prompt token is pending."""
     batch = tokens.shape[0]
@@ -156,11 +166,11 @@ def initial_state(
     )
 
 
-def run_loop(state: GenerationState, step: Callable[[GenerationState], GenerationState], max_steps: int) -> GenerationState:
+def run_loop(
+    state: GenerationState, step: Callable[[GenerationState], GenerationState], max_steps: int
+) -> GenerationState:
     """Runs `step` on device until every row is done (or max_steps, a safety bound)."""
-    return jax.lax.while_loop(
-        lambda s: (~s.done.all()) & (s.steps < max_steps), step, state
-    )
+    return jax.lax.while_loop(lambda s: (~s.done.all()) & (s.steps < max_steps), step, state)
 
 
 def make_ar_generate(config: ModelConfig, max_new_tokens: int) -> Callable:
@@ -205,7 +215,11 @@ def pad_batch(prompts: list[list[int]], batch_size: int, pad_id: int) -> tuple[n
 
 
 def generate_batches(
-    generate_fn: Callable, params, prompts: list[list[int]], batch_size: int, pad_id: int,
+    generate_fn: Callable,
+    params,
+    prompts: list[list[int]],
+    batch_size: int,
+    pad_id: int,
     on_batch: Callable[[GenerationState, int], None] | None = None,
 ) -> list[Generation]:
     """Runs a jitted generate function over prompts in batches; returns one Generation per prompt.
@@ -222,5 +236,7 @@ def generate_batches(
         out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
         if on_batch is not None:
             on_batch(state, len(chunk))
-        results += [Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds) for i in range(len(chunk))]
+        results += [
+            Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds) for i in range(len(chunk))
+        ]
     return results

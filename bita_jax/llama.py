@@ -75,8 +75,12 @@ class MLP(nn.Module):
         def proj(name, shape, axes):
             return self.param(name, nn.with_logical_partitioning(_init(), axes), shape, dt)
 
-        gate = jnp.einsum("btd,df->btf", x, proj("gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp")))
-        up = jnp.einsum("btd,df->btf", x, proj("up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp")))
+        gate = jnp.einsum(
+            "btd,df->btf", x, proj("gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        )
+        up = jnp.einsum(
+            "btd,df->btf", x, proj("up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        )
         down = proj("down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
         return jnp.einsum("btf,fd->btd", nn.silu(gate) * up, down)
 
@@ -92,8 +96,13 @@ class Block(nn.Module):
         dt = jnp.dtype(c.dtype)
         norm = lambda name: RMSNorm(c.rms_norm_eps, dt, dt, name=name)  # noqa: E731
         attn_out, new_kv = Attention(c, name="self_attn")(
-            norm("input_layernorm")(x), positions, layer_cache, layer_prefix,
-            self_mask, cache_mask, prefix_visible,
+            norm("input_layernorm")(x),
+            positions,
+            layer_cache,
+            layer_prefix,
+            self_mask,
+            cache_mask,
+            prefix_visible,
         )
         x = x + attn_out
         x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x))

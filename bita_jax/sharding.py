@@ -59,9 +59,13 @@ def rules_from_overrides(overrides: dict[str, Any] | None) -> Rules:
 def check_rules(rules: Rules) -> None:
     """Refuses tables where one param's logical axes would reuse a mesh axis (collision check)."""
     groups = [
-        ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim"),
-        ("q_heads", "head_dim", "embed"), ("embed", "mlp"), ("vocab", "embed"),
-        ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"), ("batch", "seq", "embed"),
+        ("embed", "q_heads", "head_dim"),
+        ("embed", "kv_heads", "head_dim"),
+        ("q_heads", "head_dim", "embed"),
+        ("embed", "mlp"),
+        ("vocab", "embed"),
+        ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"),
+        ("batch", "seq", "embed"),
     ]
     table = dict(rules)
     for group in groups:
@@ -83,7 +87,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
         raise ConfigError("at most one mesh axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise ConfigError(f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} does not fit {len(devices)} devices")
+        raise ConfigError(
+            f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} does not fit {len(devices)} devices"
+        )
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
         raise ConfigError(
@@ -95,7 +101,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+def logical_sharding(
+    axes: Sequence[str | None], mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
+) -> NamedSharding:
     """NamedSharding for an array whose dimensions carry the given logical names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
 

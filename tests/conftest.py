@@ -16,8 +16,11 @@ VARIANTS = {
     # GQA (4 query heads, 2 KV heads), llama3 rope scaling, untied embeddings.
     "llama3": dict(
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
         },
         tie_word_embeddings=False,
     ),
@@ -32,7 +35,10 @@ VARIANTS = {
 def tiny_checkpoints(tmp_path_factory):
     """{variant name: directory} of tiny random LlamaForCausalLM checkpoints with a tokenizer."""
     root = tmp_path_factory.mktemp("ckpts")
-    return {name: make_tiny_checkpoint(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())}
+    return {
+        name: make_tiny_checkpoint(str(root / name), seed=i, **kw)
+        for i, (name, kw) in enumerate(VARIANTS.items())
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,109 @@
+"""The trained BiTA adapter on disk: `adapter.safetensors` plus `adapter_config.json`.
+
+The json records P, M, prefix dropout and the identity of the base model the adapter was trained
+on (path, the dimensions the adapter's shapes depend on, and a hash of its config.json), so
+decode.py can refuse an adapter that does not fit the model it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors.numpy import load_file, save_file
+
+from bita_jax.bita import adapter_shapes
+from bita_jax.config import BiTAConfig, ConfigError, ModelConfig, from_dict, to_dict
+
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT_VERSION = 1
+# Base-model fields the adapter's shapes and token ids depend on.
+IDENTITY_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim")
+
+
+def base_model_identity(base_model_dir: str) -> dict[str, Any]:
+    """Path, shape-relevant dimensions and config.json sha256 of the base model."""
+    model_cfg = ModelConfig.from_pretrained(base_model_dir)
+    identity: dict[str, Any] = {name: getattr(model_cfg, name) for name in IDENTITY_FIELDS}
+    identity["path"] = os.path.abspath(base_model_dir)
+    with open(os.path.join(base_model_dir, "config.json"), "rb") as f:
+        identity["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return identity
+
+
+def save_adapter(
+    out_dir: str,
+    adapter_params: dict[str, jax.Array],
+    bita_cfg: BiTAConfig,
+    base_model_dir: str,
+) -> str:
+    """Writes the adapter (float32 safetensors) and its json config to out_dir; returns out_dir.
+
+    Multi-host: every process must call this (gathering a sharded array is collective); only
+    process 0 writes.
+    """
+    # Adapter arrays are small; gathering a sharded one across hosts is a collective.
+    arrays = {
+        name: np.asarray(multihost_utils.process_allgather(value, tiled=True), np.float32)
+        for name, value in adapter_params.items()
+    }
+    if jax.process_index() != 0:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(arrays, os.path.join(out_dir, WEIGHTS_FILE))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "bita": to_dict(bita_cfg),
+        "base_model": base_model_identity(base_model_dir),
+    }
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    return out_dir
+
+
+def load_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[BiTAConfig, dict[str, np.ndarray]]:
+    """Reads an adapter written by `save_adapter` and checks that it fits `model_cfg`.
+
+    Returns:
+      (BiTAConfig, {"prefix_keys", "prefix_values": [L, P, N, H], "mask_embeddings": [M, D]}
+      float32 numpy arrays).
+
+    Raises:
+      ConfigError: missing files, or an adapter trained for a model with other dimensions.
+    """
+    config_path = os.path.join(adapter_dir, CONFIG_FILE)
+    weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
+    if not os.path.isdir(adapter_dir):
+        raise ConfigError(f"adapter directory not found: {adapter_dir}")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise ConfigError(f"not a BiTA adapter directory: {path} is missing")
+    with open(config_path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"cannot parse {config_path}: {e}") from None
+    if not isinstance(meta, dict) or "bita" not in meta or "base_model" not in meta:
+        raise ConfigError(f"{config_path}: expected keys 'bita' and 'base_model'")
+    bita_cfg = from_dict(BiTAConfig, meta["bita"], "adapter_config.bita")
+    base = meta["base_model"]
+    for name in IDENTITY_FIELDS:
+        if base.get(name) != getattr(model_cfg, name):
+            raise ConfigError(
+                f"adapter {adapter_dir} was trained for a base model with {name}={base.get(name)}, "
+                f"but the model has {name}={getattr(model_cfg, name)} (base: {base.get('path')})"
+            )
+    params = load_file(weights_path)
+    expected = adapter_shapes(model_cfg, bita_cfg)
+    if set(params) != set(expected):
+        raise ConfigError(f"{weights_path}: tensors {sorted(params)}, expected {sorted(expected)}")
+    for name, shape in expected.items():
+        if params[name].shape != shape:
+            raise ConfigError(f"{weights_path}: {name} has shape {params[name].shape}, expected {shape}")
+    return bita_cfg, {name: value.astype(np.float32) for name, value in params.items()}

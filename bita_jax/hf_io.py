@@ -1,0 +1,268 @@
+"""Hugging Face checkpoint I/O: config.json, safetensors weights (single or sharded), tokenizer.
+
+One name-mapping table (`PARAM_MAP`) converts between HF torch names/layouts and the bita_jax param
+tree. Weights are read tensor by tensor from memory-mapped files and cast straight to the target
+dtype, so the host never holds a float32 copy of the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from bita_jax.config import ConfigError, ModelConfig
+from bita_jax.llama import abstract_params
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype tags <-> numpy dtypes (bfloat16 through ml_dtypes).
+SAFETENSORS_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+
+# (our param path, HF tensor name, number of leading "input" dims of our array or None).
+# HF linear weights are torch [out, in]; ours are [in..., out...] (e.g. q_proj [D, N, H],
+# o_proj [N, H, D]), so an entry with n input dims is transposed and reshaped. None: copied as is.
+# "{i}" entries are per layer and stacked on a leading L axis.
+PARAM_MAP: tuple[tuple[tuple[str, ...], str, int | None], ...] = (
+    (("embed_tokens",), "model.embed_tokens.weight", None),
+    (("layers", "input_layernorm", "scale"), "model.layers.{i}.input_layernorm.weight", None),
+    (("layers", "post_attention_layernorm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", None),
+    (("layers", "self_attn", "q_proj"), "model.layers.{i}.self_attn.q_proj.weight", 1),
+    (("layers", "self_attn", "k_proj"), "model.layers.{i}.self_attn.k_proj.weight", 1),
+    (("layers", "self_attn", "v_proj"), "model.layers.{i}.self_attn.v_proj.weight", 1),
+    (("layers", "self_attn", "o_proj"), "model.layers.{i}.self_attn.o_proj.weight", 2),
+    (("layers", "mlp", "gate_proj"), "model.layers.{i}.mlp.gate_proj.weight", 1),
+    (("layers", "mlp", "up_proj"), "model.layers.{i}.mlp.up_proj.weight", 1),
+    (("layers", "mlp", "down_proj"), "model.layers.{i}.mlp.down_proj.weight", 1),
+    (("norm", "scale"), "model.norm.weight", None),
+    (("lm_head",), "lm_head.weight", 1),
+)
+
+
+def load_config(model_dir: str, **overrides) -> ModelConfig:
+    """Reads `config.json` of a LlamaForCausalLM checkpoint; unsupported models raise ConfigError."""
+    return ModelConfig.from_pretrained(model_dir, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors reading (memory-mapped; numpy's safetensors loader cannot produce bfloat16).
+
+
+class _SafetensorsFile:
+    """Lazy, memory-mapped view of one .safetensors file."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            try:
+                self.header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ConfigError(f"{path} is not a safetensors file") from None
+        self.header.pop("__metadata__", None)
+        self.path = path
+        self.data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ConfigError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        return self.data[start:end].view(dtype).reshape(info["shape"])
+
+
+def _checkpoint_files(model_dir: str) -> dict[str, str]:
+    """{tensor name: file path} from the index of a sharded checkpoint or the single file."""
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if not os.path.isfile(single):
+        raise ConfigError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
+    return {name: single for name in _SafetensorsFile(single).header}
+
+
+class _TensorReader:
+    """Reads HF tensors by name across the checkpoint's files, opening each file once."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self.locations = _checkpoint_files(model_dir)
+        self.files: dict[str, _SafetensorsFile] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.locations.get(name)
+        if path is None:
+            raise ConfigError(f"checkpoint {self.model_dir} has no tensor {name}")
+        if path not in self.files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"checkpoint shard not found: {path}")
+            self.files[path] = _SafetensorsFile(path)
+        return self.files[path].get(name)
+
+
+def _to_ours(hf: np.ndarray, in_dims: int | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """One HF tensor -> our layout and dtype (a single copy, in the target dtype)."""
+    expected = shape if in_dims is None else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
+    if tuple(hf.shape) != expected:
+        raise ConfigError(f"checkpoint tensor of shape {tuple(hf.shape)} does not match config (expected {expected})")
+    if in_dims is not None:
+        hf = hf.T.reshape(shape)
+    return np.ascontiguousarray(hf.astype(dtype))
+
+
+def _to_hf(ours: np.ndarray, in_dims: int | None) -> np.ndarray:
+    """One of our arrays -> HF torch layout ([out, in] for linear weights)."""
+    if in_dims is None:
+        return ours
+    fan_in = math.prod(ours.shape[:in_dims])
+    return np.ascontiguousarray(ours.reshape(fan_in, -1).T)
+
+
+def _get_path(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _entries(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | None]]:
+    """The mapping table entries that exist for this config (no lm_head when tied)."""
+    for path, hf_name, in_dims in PARAM_MAP:
+        if path == ("lm_head",) and config.tie_word_embeddings:
+            continue
+        yield path, hf_name, in_dims
+
+
+def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> dict:
+    """Loads HF safetensors weights (single or sharded, bf16/f16/f32) into the bita_jax param tree.
+
+    Args:
+      model_dir: checkpoint directory with `model.safetensors` or `model.safetensors.index.json`.
+      config: the model config (its `dtype` is the dtype of the returned arrays).
+      shardings: optional tree of `NamedSharding`s shaped like the params; each array is placed
+        straight into its sharding. Default: the default device.
+
+    Returns:
+      The param tree (see `bita_jax.llama`), per-layer tensors stacked on a leading L axis.
+    """
+    shapes = nn.unbox(abstract_params(config))
+    dtype = np.dtype(ml_dtypes.bfloat16) if config.dtype == "bfloat16" else np.dtype(config.dtype)
+    reader = _TensorReader(model_dir)
+    params: dict = {}
+    for path, hf_name, in_dims in _entries(config):
+        shape = tuple(_get_path(shapes, path).shape)
+        if "{i}" in hf_name:
+            value = np.empty(shape, dtype)  # [L, ...], filled layer by layer
+            for i in range(config.num_layers):
+                value[i] = _to_ours(reader.get(hf_name.format(i=i)), in_dims, shape[1:], dtype)
+        else:
+            value = _to_ours(reader.get(hf_name), in_dims, shape, dtype)
+        sharding = _get_path(shardings, path) if shardings is not None else None
+        _set_path(params, path, jax.device_put(value, sharding))
+    return params
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """A transformers `LlamaConfig`-compatible config.json dict for this config."""
+    rope = {**dict(config.rope_scaling or ()), "rope_theta": config.rope_theta}
+    rope.setdefault("rope_type", "default")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_ids[0],
+        "pad_token_id": config.pad_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "dtype": config.dtype,
+    }
+
+
+def save_params(params: dict, config: ModelConfig, out_dir: str, hf_config: dict | None = None) -> None:
+    """Writes params as an HF checkpoint (`model.safetensors` + `config.json`) in their own dtype.
+
+    Args:
+      params: the bita_jax param tree.
+      config: its model config.
+      out_dir: created if missing.
+      hf_config: config.json contents to write (e.g. the source checkpoint's); default built from
+        `config`.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for path, hf_name, in_dims in _entries(config):
+        value = np.asarray(jax.device_get(_get_path(params, path)))
+        if "{i}" in hf_name:
+            for i in range(config.num_layers):
+                tensors[hf_name.format(i=i)] = _to_hf(value[i], in_dims)
+        else:
+            tensors[hf_name] = _to_hf(value, in_dims)
+    save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config if hf_config is not None else hf_config_dict(config), f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(model_dir: str):
+    """The checkpoint's tokenizer through `transformers.AutoTokenizer` (local files only)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"model directory not found: {model_dir}")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+
+
+def encode_prompts(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids per prompt: plain `tokenizer(text)` ids, or the chat template with a generation prompt."""
+    if not chat:
+        return [list(tokenizer(text)["input_ids"]) for text in texts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--chat was given but the tokenizer has no chat template")
+    ids = []
+    for text in texts:
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding here; older versions a plain list.
+        ids.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    return ids

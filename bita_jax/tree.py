@@ -1,0 +1,202 @@
+"""Static draft-tree topology and the fixed row layout of one tree-decoding step, as numpy constants.
+
+A tree is a set of paths, each a tuple of ranks (c_0, ..., c_m): the node at level m holds the
+c_m-th most likely token of mask m of the drafting group, and its parent is (c_0, ..., c_{m-1})
+(the root, i.e. the pending token, for level 0). Every prefix of a path must itself be a path.
+
+One step feeds T = 1 + N + Dt * (N + 1) rows (Dt = tree depth):
+  row 0             the root (the pending token),
+  rows 1 .. N       the N candidate nodes (level by level, then by path),
+  then N + 1 groups of Dt mask tokens: group 0 drafts after the root, group 1 + n after node n.
+Groups only need Dt masks: mask k of a group sees masks 0..k, so later masks change nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+
+from bita_jax.config import ConfigError
+
+DEFAULT_TREE = "upper:5"
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftTree:
+    """A static draft tree (hashable, so it can be closed over by jitted steps).
+
+    Attributes:
+      paths: the nodes as rank tuples, sorted level by level, then lexicographically.
+    """
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ConfigError("a draft tree needs at least one node")
+        known = set(self.paths)
+        if len(known) != len(self.paths):
+            raise ConfigError("draft tree has a repeated path")
+        for p in self.paths:
+            if not p or any((not isinstance(c, int)) or c < 0 for c in p):
+                raise ConfigError(f"draft tree path {list(p)} must be a non-empty list of ranks >= 0")
+            if len(p) > 1 and p[:-1] not in known:
+                raise ConfigError(f"draft tree path {list(p)} has no parent path {list(p[:-1])}")
+        if list(self.paths) != sorted(self.paths, key=lambda p: (len(p), p)):
+            raise ConfigError("draft tree paths must be sorted by level, then path (use from_paths)")
+
+    @classmethod
+    def from_paths(cls, paths) -> "DraftTree":
+        """Builds a tree from any iterable of rank sequences, in any order."""
+        try:
+            tuples = [tuple(int(c) for c in p) for p in paths]
+        except (TypeError, ValueError):
+            raise ConfigError("draft tree paths must be lists of integer ranks") from None
+        return cls(tuple(sorted(tuples, key=lambda p: (len(p), p))))
+
+    @classmethod
+    def upper_triangle(cls, width: int, levels: int) -> "DraftTree":
+        """The reference tree: level m holds the top (width - m) tokens; only rank 0 has children."""
+        if width < 1 or levels < 1:
+            raise ConfigError(f"upper-triangle tree needs width >= 1 and levels >= 1, got {width}, {levels}")
+        paths = [(0,) * m + (c,) for m in range(min(width, levels)) for c in range(width - m)]
+        return cls.from_paths(paths)
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    @property
+    def num_nodes(self) -> int:
+        """N."""
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        """Dt: levels of the tree, the most drafts one step can accept."""
+        return max(len(p) for p in self.paths)
+
+    @property
+    def draft_width(self) -> int:
+        """R: top-R tokens kept per mask, enough for the largest rank in the tree."""
+        return max(max(p) for p in self.paths) + 1
+
+    @property
+    def num_rows(self) -> int:
+        """T = 1 + N + Dt (N + 1) rows per step."""
+        return 1 + self.num_nodes + self.depth * (self.num_nodes + 1)
+
+    @property
+    def step_rows(self) -> int:
+        """Rows one step may commit to the cache: the pending token plus the accepted path."""
+        return self.depth + 1
+
+    # ---- node constants ----------------------------------------------------------------------
+
+    @functools.cached_property
+    def level(self) -> np.ndarray:
+        """[N] level (0-based) of each node: it holds a token of mask `level`."""
+        return np.asarray([len(p) - 1 for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def rank(self) -> np.ndarray:
+        """[N] rank of each node's token among its mask's drafts."""
+        return np.asarray([p[-1] for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def parent(self) -> np.ndarray:
+        """[N] parent node index, -1 for children of the root."""
+        index = {p: i for i, p in enumerate(self.paths)}
+        return np.asarray([index.get(p[:-1], -1) for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def ancestors(self) -> np.ndarray:
+        """[N, N] bool: ancestors[n, j] iff node j is n or an ancestor of n (root excluded)."""
+        paths = self.paths
+        return np.asarray([[p[: len(q)] == q for q in paths] for p in paths], bool)
+
+    @functools.cached_property
+    def path_nodes(self) -> np.ndarray:
+        """[N, Dt] node indices from level 0 down to n; entries past n's level repeat n."""
+        index = {p: i for i, p in enumerate(self.paths)}
+        return np.asarray(
+            [[index[p[: m + 1]] if m < len(p) else index[p] for m in range(self.depth)] for p in self.paths],
+            np.int32,
+        )
+
+    # ---- step layout -------------------------------------------------------------------------
+
+    def group_rows(self, group: int) -> np.ndarray:
+        """[Dt] rows of mask group `group` (0 = root's group, 1 + n = node n's group)."""
+        return 1 + self.num_nodes + group * self.depth + np.arange(self.depth)
+
+    @functools.cached_property
+    def self_mask(self) -> np.ndarray:
+        """[T, T] bool: which of the step's rows each row attends to (method section 3.3).
+
+        The root sees itself; node n sees the root and anc(n); mask k of a group sees the root,
+        the path of its owner node (none for group 0) and masks 0..k of its own group.
+        """
+        n_nodes, depth = self.num_nodes, self.depth
+        mask = np.zeros((self.num_rows, self.num_rows), bool)
+        mask[:, 0] = True
+        mask[1 : 1 + n_nodes, 1 : 1 + n_nodes] = self.ancestors
+        group_causal = np.tril(np.ones((depth, depth), bool))
+        for group in range(n_nodes + 1):
+            rows = self.group_rows(group)
+            mask[np.ix_(rows, rows)] = group_causal
+            if group:
+                mask[np.ix_(rows, 1 + np.flatnonzero(self.ancestors[group - 1]))] = True
+        return mask
+
+    @functools.cached_property
+    def position_offsets(self) -> np.ndarray:
+        """[T] int32 positions relative to the root's (= the cache length).
+
+        Node at level m -> 1 + m; mask k of group 0 -> 1 + k; of a level-m node's group -> 2 + m + k,
+        i.e. every row sits at (visible step rows - 1), continuing the committed sequence.
+        """
+        offsets = [0] + [1 + int(m) for m in self.level]
+        offsets += [1 + k for k in range(self.depth)]
+        for m in self.level:
+            offsets += [2 + int(m) + k for k in range(self.depth)]
+        return np.asarray(offsets, np.int32)
+
+    @functools.cached_property
+    def prefix_visible(self) -> np.ndarray:
+        """[T] bool: only mask rows attend to the BiTA prefix, so root and nodes stay the base model."""
+        return np.arange(self.num_rows) >= 1 + self.num_nodes
+
+    def describe(self) -> str:
+        return f"{self.num_nodes} nodes, depth {self.depth}, {self.num_rows} rows per step"
+
+
+def parse_tree(spec: str, num_masks: int) -> DraftTree:
+    """Parses a --tree spec for an adapter with `num_masks` mask tokens.
+
+    Specs: "upper:K" (reference upper-triangle tree of width K over min(K, M) levels), "chain"
+    (one rank-0 node per level, M levels), or a JSON list of paths such as "[[0], [1], [0, 0]]".
+    """
+    spec = spec.strip()
+    if spec == "chain":
+        tree = DraftTree.from_paths([(0,) * (m + 1) for m in range(num_masks)])
+    elif spec.startswith("upper:"):
+        try:
+            width = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"bad tree spec {spec!r}: expected upper:K with an integer K") from None
+        tree = DraftTree.upper_triangle(width, num_masks)
+    elif spec.startswith("["):
+        try:
+            paths = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"bad tree spec: not a JSON list of paths ({e.msg})") from None
+        if not isinstance(paths, list) or not all(isinstance(p, list) for p in paths):
+            raise ConfigError("bad tree spec: expected a JSON list of paths (lists of ranks)")
+        tree = DraftTree.from_paths(paths)
+    else:
+        raise ConfigError(f"bad tree spec {spec!r}: expected upper:K, chain, or a JSON list of paths")
+    if tree.depth > num_masks:
+        raise ConfigError(f"draft tree depth {tree.depth} exceeds the adapter's {num_masks} mask tokens")
+    return tree

@@ -251,3 +251,90 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (BiTA adapter): `train.py` builds a TrainConfig from YAML + flags + `--set` overrides.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training examples come from and how they become multi-group sequences.
+
+    `path` is a jsonl file as written by decode.py, a local `datasets` file or directory, or a hub
+    dataset name. `max_length` caps source + target (the reference's cutoff_len); the mask groups
+    add up to `max_groups * M` tokens on top. `seq_buckets` are the padded lengths (one compile
+    each); empty picks powers of two up to the longest possible sequence.
+    """
+
+    path: str = ""
+    split: str = "train"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    chat: bool = False
+    max_length: int = 2048
+    max_groups: int = 64
+    seq_buckets: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_groups < 1 or self.max_length < 2:
+            raise ConfigError("data.max_groups must be >= 1 and data.max_length >= 2")
+        if list(self.seq_buckets) != sorted(set(self.seq_buckets)) or any(b < 1 for b in self.seq_buckets):
+            raise ConfigError(f"data.seq_buckets must be increasing positive lengths, got {self.seq_buckets}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW on the adapter with a cosine schedule (optional linear warmup) and norm clipping."""
+
+    learning_rate: float = 3e-2
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.grad_accum < 1 or self.warmup_steps < 0 or self.learning_rate <= 0:
+            raise ConfigError("optimizer: grad_accum >= 1, warmup_steps >= 0 and learning_rate > 0 required")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One BiTA training run. Architecture comes from `model`'s config.json, never from here.
+
+    `batch_size` is the global number of sequences per optimizer step, split into
+    `optimizer.grad_accum` micro-batches. `steps` = 0 trains for `epochs` passes over the data.
+    `dtype` "auto" is bfloat16 on TPU/GPU and float32 on CPU (base params and compute; the
+    adapter and optimizer state are always float32).
+    """
+
+    model: str = ""
+    output: str = ""
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 8
+    dtype: str = "auto"
+    remat: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    bita: BiTAConfig = dataclasses.field(default_factory=BiTAConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding_rules: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"train.dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
+        if self.steps < 0 or self.epochs <= 0 or self.log_every < 1 or self.save_every < 1:
+            raise ConfigError("train: steps >= 0, epochs > 0, log_every >= 1 and save_every >= 1 required")
+        if self.batch_size < 1 or self.batch_size % self.optimizer.grad_accum:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be a positive multiple of "
+                f"optimizer.grad_accum ({self.optimizer.grad_accum})"
+            )

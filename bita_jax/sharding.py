@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bita_jax.config import ConfigError, MeshConfig
 
@@ -65,7 +65,8 @@ def check_rules(rules: Rules) -> None:
         ("embed", "mlp"),
         ("vocab", "embed"),
         ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim"),
-        ("batch", "seq", "embed"),
+        # Not activations ("batch", "seq", "embed"): under FSDP batch and embed both name `fsdp`,
+        # and flax resolves that by rule order (batch first, embed left unsharded), as intended.
     ]
     table = dict(rules)
     for group in groups:
@@ -96,9 +97,12 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
             f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} needs {math.prod(sizes)} devices, "
             f"have {len(devices)}"
         )
+    # Auto axes: shardings come from the rules via in/out shardings and GSPMD propagation
+    # (jax.make_mesh defaults to Explicit axes, which would demand out_sharding on every gather).
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def logical_sharding(

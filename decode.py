@@ -38,7 +38,11 @@ def decode_ar(args, config, params, prompt_ids: list[list[int]], progress: tqdm)
     generate = generation_io.CompiledByShape(decoding.make_ar_generate(config, args.max_new_tokens))
     generate.prepare_batches(params, prompt_ids, args.batch_size, config.pad_id)
     generations = decoding.generate_batches(
-        generate, params, prompt_ids, args.batch_size, config.pad_id,
+        generate,
+        params,
+        prompt_ids,
+        args.batch_size,
+        config.pad_id,
         on_batch=lambda _state, rows: progress.update(rows),
     )
     return generations, generate.compile_seconds
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     records = generation_io.result_records(tokenizer, texts, prompt_ids, generations)
     generation_io.write_jsonl(records, args.output)
     # Records own stdout unless --output is given; the summary goes wherever they do not.
-    print(generation_io.summarize(generations, compile_seconds), file=sys.stdout if args.output else sys.stderr)
+    print(
+        generation_io.summarize(generations, compile_seconds), file=sys.stdout if args.output else sys.stderr
+    )
     return 0
 
 

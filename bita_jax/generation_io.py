@@ -107,7 +107,7 @@ def result_records(
             "steps": gen.steps,
             "seconds": round(gen.seconds, 6),
         }
-        for text, ids, gen in zip(texts, prompt_ids, generations)
+        for text, ids, gen in zip(texts, prompt_ids, generations, strict=True)
     ]
 
 

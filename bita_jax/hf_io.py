@@ -39,7 +39,11 @@ SAFETENSORS_DTYPES = {
 PARAM_MAP: tuple[tuple[tuple[str, ...], str, int | None], ...] = (
     (("embed_tokens",), "model.embed_tokens.weight", None),
     (("layers", "input_layernorm", "scale"), "model.layers.{i}.input_layernorm.weight", None),
-    (("layers", "post_attention_layernorm", "scale"), "model.layers.{i}.post_attention_layernorm.weight", None),
+    (
+        ("layers", "post_attention_layernorm", "scale"),
+        "model.layers.{i}.post_attention_layernorm.weight",
+        None,
+    ),
     (("layers", "self_attn", "q_proj"), "model.layers.{i}.self_attn.q_proj.weight", 1),
     (("layers", "self_attn", "k_proj"), "model.layers.{i}.self_attn.k_proj.weight", 1),
     (("layers", "self_attn", "v_proj"), "model.layers.{i}.self_attn.v_proj.weight", 1),
@@ -120,7 +124,9 @@ def _to_ours(hf: np.ndarray, in_dims: int | None, shape: tuple[int, ...], dtype:
     """One HF tensor -> our layout and dtype (a single copy, in the target dtype)."""
     expected = shape if in_dims is None else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
     if tuple(hf.shape) != expected:
-        raise ConfigError(f"checkpoint tensor of shape {tuple(hf.shape)} does not match config (expected {expected})")
+        raise ConfigError(
+            f"checkpoint tensor of shape {tuple(hf.shape)} does not match config (expected {expected})"
+        )
     if in_dims is not None:
         hf = hf.T.reshape(shape)
     return np.ascontiguousarray(hf.astype(dtype))
@@ -187,6 +193,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """A transformers `LlamaConfig`-compatible config.json dict for this config."""
     rope = {**dict(config.rope_scaling or ()), "rope_theta": config.rope_theta}
     rope.setdefault("rope_type", "default")
+    eos = list(config.eos_token_ids)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -204,7 +211,7 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": config.max_position_embeddings,
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_ids[0],
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "pad_token_id": config.pad_token_id,
         "attention_bias": False,
         "mlp_bias": False,

@@ -50,7 +50,9 @@ def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant):
     steps = 6
     sequences = rng.randint(3, config.vocab_size, (2, 11 + steps))  # [B, T]
     # Row b's step s feeds token prompt_lens[b] - 1 + s and must give that position's logits.
-    tokens, lens = decoding.pad_batch([list(s[:n]) for s, n in zip(sequences, prompt_lens)], 2, config.pad_id)
+    tokens, lens = decoding.pad_batch(
+        [list(s[:n]) for s, n in zip(sequences, prompt_lens, strict=True)], 2, config.pad_id
+    )
     prefill = jax.jit(lambda p, t, n: decoding.prefill(model, p, t, n, KVCache.init(config, 2, 64)))
     cache = prefill(params, tokens, lens)
     # Causal attention: each row's logits up to its own length ignore the tokens after it.
@@ -59,7 +61,11 @@ def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant):
     @jax.jit
     def step(params, cache, pending):
         hidden, (k, v) = model.apply(
-            {"params": params}, pending[:, None], cache.length[:, None], jnp.ones((2, 1, 1), bool), cache=cache
+            {"params": params},
+            pending[:, None],
+            cache.length[:, None],
+            jnp.ones((2, 1, 1), bool),
+            cache=cache,
         )
         logits = model.apply({"params": params}, hidden[:, 0], method="logits")
         return logits, cache.write(k, v).advance(jnp.ones((2,), jnp.int32))

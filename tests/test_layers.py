@@ -28,7 +28,13 @@ def test_rmsnorm_matches_hf():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rope_matches_hf(variant):
-    kw = dict(vocab_size=320, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     hf = LlamaConfig(**{**kw, **VARIANTS[variant]})
     config = ModelConfig.from_hf_config(hf.to_dict())
     assert config.rope_type == hf.rope_parameters["rope_type"]
@@ -47,8 +53,14 @@ def test_rope_matches_hf(variant):
     np.testing.assert_allclose(rope_inv_freq(config), rotary.inv_freq.numpy(), rtol=TOL, atol=0)
     inv_freq = rope_inv_freq(config)
     np.testing.assert_allclose(
-        np.asarray(apply_rope(jnp.asarray(q), positions, inv_freq)), q_ref.transpose(1, 2).numpy(), rtol=TOL, atol=TOL
+        np.asarray(apply_rope(jnp.asarray(q), positions, inv_freq)),
+        q_ref.transpose(1, 2).numpy(),
+        rtol=TOL,
+        atol=TOL,
     )
     np.testing.assert_allclose(
-        np.asarray(apply_rope(jnp.asarray(k), positions, inv_freq)), k_ref.transpose(1, 2).numpy(), rtol=TOL, atol=TOL
+        np.asarray(apply_rope(jnp.asarray(k), positions, inv_freq)),
+        k_ref.transpose(1, 2).numpy(),
+        rtol=TOL,
+        atol=TOL,
     )

@@ -206,7 +206,7 @@ def make_train_step(
             "loss": nll / denom,
             "mask_acc": stats["correct"] / jnp.maximum(stats["count"], 1.0),
             "lr": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "label_tokens": stats["labels"],
         }
         return TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state), metrics

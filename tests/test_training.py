@@ -1,0 +1,112 @@
+"""BiTA training: normal rows are the base model, accumulation is exact, and the loss falls."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from bita_jax import bita, data, hf_io, training
+from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+from bita_jax.llama import LlamaModel
+from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+from tests.distill_data import make_distill_data
+from tests.tiny_checkpoint import make_tiny_checkpoint
+
+BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A tiny checkpoint with a sharper LM head (init std 0.3) and 16 greedy generations of it."""
+    root = tmp_path_factory.mktemp("distill")
+    model_dir = make_tiny_checkpoint(str(root / "model"), seed=1, initializer_range=0.3)
+    return model_dir, make_distill_data(model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40)
+
+
+def one_batch(model_dir, data_path, cfg, batch=4, length=128):
+    examples = data.read_examples(DataConfig(path=data_path), model_dir, cfg.eos_token_ids[0])
+    stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
+    return stream.batch(0, 0, length)
+
+
+def test_normal_rows_are_the_base_model(distilled):
+    model_dir, data_path = distilled
+    cfg = hf_io.load_config(model_dir)
+    params = hf_io.load_params(model_dir, cfg)
+    b = one_batch(model_dir, data_path, cfg)
+    model = LlamaModel(cfg)
+    mask = data.attention_mask(b["group"], b["visible_end"], b["positions"])
+    adapter = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(1))
+    with_adapter, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask, adapter=adapter,
+                                  prefix_visible=b["group"] >= 0)
+    other = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(2))
+    with_other, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask, adapter=other,
+                                prefix_visible=b["group"] >= 0)
+    without, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask)
+    normal = b["group"] < 0
+    # Same program, different adapters: normal rows are bit-identical (nothing leaks into them).
+    np.testing.assert_array_equal(np.asarray(with_adapter)[normal], np.asarray(with_other)[normal])
+    # Versus no adapter at all (a softmax over fewer columns): equal up to f32 reduction order.
+    np.testing.assert_allclose(np.asarray(with_adapter)[normal], np.asarray(without)[normal], rtol=0, atol=2e-5)
+    assert not np.allclose(np.asarray(with_adapter)[~normal], np.asarray(without)[~normal], atol=1e-3)
+    # ... and equal Hugging Face torch on each sequence's normal part (float32, 1e-4).
+    torch_model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    logits = np.asarray(model.apply({"params": params}, with_adapter, method="logits"))
+    for row in range(b["tokens"].shape[0]):
+        n = int(np.argmax(b["group"][row] >= 0))  # the normal part ends where the masks start
+        with torch.no_grad():
+            ref = torch_model(torch.tensor(b["tokens"][row : row + 1, :n])).logits[0].numpy()
+        np.testing.assert_allclose(logits[row, :n], ref, rtol=1e-4, atol=1e-4)
+
+
+def make_step(cfg, accum_shape, mesh, seed=0):
+    opt = OptimizerConfig(grad_accum=accum_shape)
+    optimizer, schedule = training.make_optimizer(opt, 10)
+    adapter = bita.init_adapter(cfg, BITA, jax.random.key(seed))
+    sh = training.step_shardings(cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
+    adapter = jax.device_put(adapter, sh.state.adapter)
+    state = training.TrainState(jnp.zeros((), jnp.int32), adapter, jax.jit(optimizer.init)(adapter))
+    state = jax.device_put(state, sh.state)
+    step = training.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, seed, sh)
+    return state, step, sh
+
+
+def test_grad_accumulation_is_exact(distilled):
+    model_dir, data_path = distilled
+    cfg = hf_io.load_config(model_dir)
+    params = hf_io.load_params(model_dir, cfg)
+    b = one_batch(model_dir, data_path, cfg)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    results = []
+    for accum in (1, 2):
+        state, step, sh = make_step(cfg, accum, mesh)
+        batch = training.global_batch(b, accum, sh.batch)
+        results.append(step(state, params, batch))
+    (s1, m1), (s2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["mask_acc"], m2["mask_acc"], rtol=1e-6)
+    for name in s1.adapter:
+        np.testing.assert_allclose(s1.adapter[name], s2.adapter[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_loss_falls_and_mask_acc_rises(distilled, tmp_path):
+    model_dir, data_path = distilled
+    cfg = TrainConfig(
+        model=model_dir, output=str(tmp_path / "run"), steps=120, batch_size=8, dtype="float32",
+        log_every=10, save_every=1000, bita=dataclasses.replace(BITA, prefix_dropout=0.1),
+        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
+    )
+    training.run(cfg)
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first, last = logs[:3], logs[-3:]
+    mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    print("loss", [round(r["loss"], 3) for r in logs], "acc", [r["mask_acc"] for r in logs])
+    assert mean(last, "loss") < mean(first, "loss") - 0.3
+    assert np.mean([r["mask_acc"] for r in last]) > np.mean([r["mask_acc"] for r in first])
+    assert all(len(r["mask_acc"]) == 3 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs)

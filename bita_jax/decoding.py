@@ -8,6 +8,7 @@ is always "feed the pending token (plus drafts), write the accepted rows, advanc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ import numpy as np
 from bita_jax.config import ConfigError, ModelConfig
 from bita_jax.kv_cache import KVCache
 from bita_jax.llama import LlamaModel, causal_mask
+from bita_jax.tree import DraftTree
+from bita_jax.tree_decoding import placeholder_drafts, tree_step
 
 MIN_BUCKET = 16
 
@@ -193,6 +196,80 @@ def make_ar_generate(config: ModelConfig, max_new_tokens: int) -> Callable:
         return run_loop(state, step, max_new_tokens)
 
     return jax.jit(generate)
+
+
+@flax.struct.dataclass
+class BiTACarry:
+    """BiTA's extra loop carry.
+
+    Attributes:
+      drafts: [B, Dt, R] the draft tree's tokens for the next step.
+      accepted_per_level: [B, Dt] int32, steps in which draft level m was accepted and kept.
+    """
+
+    drafts: jax.Array
+    accepted_per_level: jax.Array
+
+    @classmethod
+    def initial(cls, tree: DraftTree, batch: int, vocab_size: int) -> "BiTACarry":
+        return cls(
+            drafts=placeholder_drafts(tree, batch, vocab_size),
+            accepted_per_level=jnp.zeros((batch, tree.depth), jnp.int32),
+        )
+
+
+def bita_loop_step(
+    model: LlamaModel,
+    tree: DraftTree,
+    params,
+    adapter,
+    max_new_tokens: int,
+    state: GenerationState,
+) -> GenerationState:
+    """One tree step of the generation loop: verify, record, commit the accepted rows, redraft."""
+    step = tree_step(model, tree, params, adapter, state.cache, state.pending, state.extra.drafts)
+    state, keep = record_tokens(
+        state, step.new_tokens, step.accepted + 1, max_new_tokens, model.config.eos_token_ids
+    )
+    running = keep > 0  # finished rows stay frozen, as in the AR loop
+    levels = jnp.arange(tree.depth)[None, :]
+    counted = (levels < step.accepted[:, None]) & (levels < keep[:, None])
+    extra = BiTACarry(
+        drafts=jnp.where(running[:, None, None], step.drafts, state.extra.drafts),
+        accepted_per_level=state.extra.accepted_per_level + counted.astype(jnp.int32),
+    )
+    return state.replace(
+        cache=step.cache.advance(jnp.where(running, step.accepted + 1, 0)),
+        pending=jnp.where(running, step.bonus, state.pending),
+        extra=extra,
+    )
+
+
+def make_bita_generate(config: ModelConfig, tree: DraftTree, max_new_tokens: int) -> Callable:
+    """Jitted `((params, adapter), tokens [B, T], prompt_lens [B]) -> GenerationState`.
+
+    Prefill, then tree steps in one on-device loop; `state.steps` counts tree steps and
+    `state.extra` is a BiTACarry with per-level acceptance counts.
+    """
+    model = LlamaModel(config)
+
+    def generate(weights, tokens, prompt_lens):
+        params, adapter = weights
+        extra = BiTACarry.initial(tree, tokens.shape[0], config.vocab_size)
+        max_len = cache_length(tokens.shape[1], max_new_tokens, tree.step_rows)
+        state = initial_state(
+            model, params, tokens, prompt_lens, max_len, max_new_tokens, tree.step_rows, extra
+        )
+        step = functools.partial(bita_loop_step, model, tree, params, adapter, max_new_tokens)
+        return run_loop(state, step, max_new_tokens)
+
+    return jax.jit(generate)
+
+
+def make_bita_step(config: ModelConfig, tree: DraftTree) -> Callable:
+    """Jitted tree step `(params, adapter, cache, pending, drafts) -> TreeStepResult`, cache donated."""
+    model = LlamaModel(config)
+    return jax.jit(functools.partial(tree_step, model, tree), donate_argnums=(2,))
 
 
 @dataclasses.dataclass

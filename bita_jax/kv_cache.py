@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,12 @@ class KVCache:
         def put(buf, rows, start):  # buf [L, S, K, H], rows [L, R, K, H]
             return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), (0, start, 0, 0))
 
-        write_rows = jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)
-        return self.replace(
-            k=write_rows(self.k, new_k, self.length), v=write_rows(self.v, new_v, self.length)
-        )
+        def write_rows(buf, rows):
+            # Under a mesh, keep the cache on its logical sharding (a no-op without one).
+            out = jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)(buf, rows, self.length)
+            return nn.with_logical_constraint(out, CACHE_AXES)
+
+        return self.replace(k=write_rows(self.k, new_k), v=write_rows(self.v, new_v))
 
     def advance(self, n: jax.Array) -> "KVCache":
         """Commits n [B] more tokens per row."""

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bita_jax import bita, data, hf_io, training
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig
@@ -32,6 +33,7 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
     return state, metrics
 
 
+@pytest.mark.slow
 def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
     cfg = hf_io.load_config(tiny_checkpoint)
     rng = np.random.default_rng(0)

@@ -122,12 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows[-1]["ratio"] = rows[-1]["ours_tokens_per_s"] / rows[-1]["torch_tokens_per_s"]
 
-    print(
-        f"LLaMA {num_params / 1e6:.0f}M params, float32, prompt {args.prompt_len}, {args.new_tokens} new tokens"
-    )
-    print(
-        f"{'batch':>5} {'bita_jax tok/s':>15} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10} {'same ids':>9}"
-    )
+    setup = f"prompt {args.prompt_len}, {args.new_tokens} new tokens"
+    print(f"LLaMA {num_params / 1e6:.0f}M params, float32, {setup}")
+    header = ("batch", "bita_jax tok/s", "torch tok/s", "ratio", "compile s", "same ids")
+    print("{:>5} {:>15} {:>12} {:>6} {:>10} {:>9}".format(*header))
     for r in rows:
         print(
             f"{r['batch']:>5} {r['ours_tokens_per_s']:>15.1f} {r['torch_tokens_per_s']:>12.1f} "

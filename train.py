@@ -16,7 +16,15 @@ import argparse
 import sys
 
 from bita_jax.cli import run_main
-from bita_jax.config import ConfigError, MeshConfig, TrainConfig, apply_overrides, from_dict, load_yaml, to_dict
+from bita_jax.config import (
+    ConfigError,
+    MeshConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     from bita_jax import training
 
     last = training.run(cfg)
-    print(f"step {last['step']}: loss {last.get('loss', float('nan')):.4f} mask_acc {last.get('mask_acc')}; "
-          f"adapter in {cfg.output}/{training.ADAPTER_DIR}", file=sys.stderr)
+    print(
+        f"step {last['step']}: loss {last.get('loss', float('nan')):.4f} mask_acc {last.get('mask_acc')}; "
+        f"adapter in {cfg.output}/{training.ADAPTER_DIR}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -38,9 +38,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
         return None
     restored = mngr.restore(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
     )
     return restored["state"], dict(restored["data"])
 

@@ -98,7 +98,9 @@ def _ids(value: Any, where: str, name: str) -> list[int]:
     return value
 
 
-def read_examples(cfg: DataConfig, model_dir: str, eos_id: int, shard: tuple[int, int] = (0, 1)) -> list[Example]:
+def read_examples(
+    cfg: DataConfig, model_dir: str, eos_id: int, shard: tuple[int, int] = (0, 1)
+) -> list[Example]:
     """This host's examples, tokenized; records are either ids (decode.py output) or text.
 
     Args:
@@ -123,7 +125,10 @@ def read_examples(cfg: DataConfig, model_dir: str, eos_id: int, shard: tuple[int
     for where, record in records:
         if "prompt_ids" in record and "output_ids" in record:
             with_ids.append(
-                (_ids(record["prompt_ids"], where, "prompt_ids"), _ids(record["output_ids"], where, "output_ids"))
+                (
+                    _ids(record["prompt_ids"], where, "prompt_ids"),
+                    _ids(record["output_ids"], where, "output_ids"),
+                )
             )
             continue
         missing = [f for f in (cfg.prompt_field, cfg.completion_field) if not isinstance(record.get(f), str)]
@@ -140,7 +145,7 @@ def read_examples(cfg: DataConfig, model_dir: str, eos_id: int, shard: tuple[int
         sources = encode_prompts(tokenizer, [p for p, _ in with_text], cfg.chat)
         # The response is tokenized on its own, as the reference template does and decode.py emits it.
         targets = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in with_text]
-        with_ids.extend(zip(sources, targets))
+        with_ids.extend(zip(sources, targets, strict=True))
     examples = []
     for source, target in with_ids:
         if not target or target[-1] != eos_id:
@@ -167,7 +172,9 @@ def group_offsets(target_len: int, num_masks: int, max_groups: int, rng: np.rand
     return start + np.arange(min(candidates, max_groups))
 
 
-def build_sequence(example: Example, offsets: np.ndarray, vocab_size: int, num_masks: int) -> dict[str, np.ndarray]:
+def build_sequence(
+    example: Example, offsets: np.ndarray, vocab_size: int, num_masks: int
+) -> dict[str, np.ndarray]:
     """One example with the given group offsets -> per-token arrays (module docstring), length
     S + s_last + g * M, int32."""
     source = np.asarray(example.source, np.int32)
@@ -225,12 +232,17 @@ def collate(sequences: list[dict[str, np.ndarray]], length: int, pad_id: int) ->
     batch = {}
     for name in BATCH_FIELDS:
         out = np.empty((len(sequences), length), np.int32)
-        for row, seq in zip(out, sequences):
+        for row, seq in zip(out, sequences, strict=True):
             n = len(seq[name])
             row[:n] = seq[name]
             pad_index = np.arange(n, length)
-            row[n:] = {"tokens": pad_id, "positions": pad_index, "group": NORMAL,
-                       "visible_end": pad_index + 1, "labels": IGNORE}[name]
+            row[n:] = {
+                "tokens": pad_id,
+                "positions": pad_index,
+                "group": NORMAL,
+                "visible_end": pad_index + 1,
+                "labels": IGNORE,
+            }[name]
         batch[name] = out
     return batch
 

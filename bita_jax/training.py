@@ -29,7 +29,14 @@ from bita_jax.adapter_io import save_adapter
 from bita_jax.bita import ADAPTER_AXES, init_adapter
 from bita_jax.config import BiTAConfig, ConfigError, ModelConfig, OptimizerConfig, TrainConfig
 from bita_jax.llama import LlamaModel, abstract_params
-from bita_jax.sharding import Rules, logical_sharding, make_mesh, replicated, rules_from_overrides, tree_shardings
+from bita_jax.sharding import (
+    Rules,
+    logical_sharding,
+    make_mesh,
+    replicated,
+    rules_from_overrides,
+    tree_shardings,
+)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -68,7 +75,7 @@ def drop_prefix(adapter: dict[str, jax.Array], rate: float, rng: jax.Array) -> d
     if rate == 0.0:
         return adapter
     out = dict(adapter)
-    for name, key in zip(("prefix_keys", "prefix_values"), jax.random.split(rng)):
+    for name, key in zip(("prefix_keys", "prefix_values"), jax.random.split(rng), strict=True):
         keep = jax.random.bernoulli(key, 1.0 - rate, adapter[name].shape)
         out[name] = jnp.where(keep, adapter[name] / (1.0 - rate), 0.0)
     return out
@@ -140,7 +147,11 @@ class StepShardings:
 
 
 def step_shardings(
-    model_cfg: ModelConfig, optimizer: optax.GradientTransformation, abstract_adapter: Any, mesh: Mesh, rules: Rules
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    abstract_adapter: Any,
+    mesh: Mesh,
+    rules: Rules,
 ) -> StepShardings:
     """Base params by the logical-axis rules, adapter by ADAPTER_AXES (optimizer moments alike),
     batch over (data, fsdp), scalars replicated."""
@@ -189,7 +200,11 @@ def make_train_step(
                 return loss_terms(model, base, dropped, mb, M, num_rows)
 
             (mb_nll, mb_stats), mb_grads = jax.value_and_grad(summed_nll, has_aux=True)(state.adapter)
-            return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, jax.tree.map(jnp.add, stats, mb_stats)), None
+            return (
+                jax.tree.map(jnp.add, grads, mb_grads),
+                nll + mb_nll,
+                jax.tree.map(jnp.add, stats, mb_stats),
+            ), None
 
         zeros = (
             jax.tree.map(jnp.zeros_like, state.adapter),
@@ -225,7 +240,7 @@ def make_train_step(
 
 
 def resolve_dtype(dtype: str) -> str:
-    """"auto": bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow and inexact)."""
+    """ "auto": bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow and inexact)."""
     if dtype != "auto":
         return dtype
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -245,7 +260,9 @@ def check_batch(cfg: TrainConfig, mesh: Mesh) -> int:
     return micro
 
 
-def global_batch(local: dict[str, np.ndarray], grad_accum: int, sharding: NamedSharding) -> dict[str, jax.Array]:
+def global_batch(
+    local: dict[str, np.ndarray], grad_accum: int, sharding: NamedSharding
+) -> dict[str, jax.Array]:
     """This host's [b, T] rows -> global [A, B, T] arrays (each host contributes its slice of B)."""
     out = {}
     for name, value in local.items():

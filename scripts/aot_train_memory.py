@@ -16,13 +16,29 @@ import sys
 import time
 
 LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-05,
-    "vocab_size": 32000, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-05,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "rope_theta": 10000.0,
 }
-LLAMA2_70B = {**LLAMA2_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
-              "num_hidden_layers": 80, "num_key_value_heads": 8}
+LLAMA2_70B = {
+    **LLAMA2_7B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+}
 # (name, hf config, M, mesh) — the meshes of configs/llama2_{7b,70b}_chat.yaml on one 8-device host,
 # and a 16-chip pod slice with tensor parallelism for 70B.
 CASES = (
@@ -47,14 +63,17 @@ def main() -> None:
     import jax.numpy as jnp
 
     from bita_jax import bita, training
+    from bita_jax.checkpoint import abstract_like
     from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, OptimizerConfig
     from bita_jax.data import BATCH_FIELDS
     from bita_jax.llama import abstract_params
     from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
 
     gib = 1024**3
-    print(f"jax {jax.__version__}, {args.devices} fake CPU devices, seq {args.seq}, bf16 base, remat, "
-          f"f32 adapter + AdamW, {args.per_device_batch} sequence(s) per data shard")
+    print(
+        f"jax {jax.__version__}, {args.devices} fake CPU devices, seq {args.seq}, bf16 base, remat, "
+        f"f32 adapter + AdamW, {args.per_device_batch} sequence(s) per data shard"
+    )
     for name, hf, num_masks, mesh_text in CASES:
         mesh_cfg = MeshConfig.parse(mesh_text)
         n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
@@ -64,27 +83,31 @@ def main() -> None:
         optimizer, schedule = training.make_optimizer(OptimizerConfig(), 1000)
         adapter = bita.abstract_adapter(model_cfg, bita_cfg)
         sh = training.step_shardings(model_cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
-        with_sharding = lambda tree, shardings: jax.tree.map(  # noqa: E731
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
         state = training.TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.state.step),
-            adapter=with_sharding(adapter, sh.state.adapter),
-            opt_state=with_sharding(jax.eval_shape(optimizer.init, adapter), sh.state.opt_state),
+            adapter=abstract_like(adapter, sh.state.adapter),
+            opt_state=abstract_like(jax.eval_shape(optimizer.init, adapter), sh.state.opt_state),
         )
-        base = with_sharding(nn.unbox(abstract_params(model_cfg)), sh.base)
+        base = abstract_like(nn.unbox(abstract_params(model_cfg)), sh.base)
         batch_size = args.per_device_batch * mesh_cfg.data * mesh_cfg.fsdp
-        batch = {k: jax.ShapeDtypeStruct((1, batch_size, args.seq), jnp.int32, sharding=sh.batch)
-                 for k in BATCH_FIELDS}
+        batch = {
+            k: jax.ShapeDtypeStruct((1, batch_size, args.seq), jnp.int32, sharding=sh.batch)
+            for k in BATCH_FIELDS
+        }
         step = training.make_train_step(model_cfg, bita_cfg, optimizer, schedule, 64 * num_masks, 0, sh)
         start = time.perf_counter()
         compiled = step.lower(state, base, batch).compile()
         seconds = time.perf_counter() - start
         mem = compiled.memory_analysis()
         params = sum(x.size for x in jax.tree.leaves(base)) / 1e9
-        print(f"{name:12s} mesh {mesh_text:24s} batch {batch_size:2d}x{args.seq}  params {params:.1f}B  "
-              f"per device: args {mem.argument_size_in_bytes / gib:6.2f} GiB, temp {mem.temp_size_in_bytes / gib:6.2f} GiB, "
-              f"out {mem.output_size_in_bytes / gib:5.3f} GiB (aliased {mem.alias_size_in_bytes / gib:5.3f})  "
-              f"compile {seconds:5.1f} s", flush=True)
+        print(
+            f"{name:12s} mesh {mesh_text:24s} batch {batch_size:2d}x{args.seq}  params {params:.1f}B  "
+            f"per device: args {mem.argument_size_in_bytes / gib:6.2f} GiB, "
+            f"temp {mem.temp_size_in_bytes / gib:6.2f} GiB, "
+            f"out {mem.output_size_in_bytes / gib:5.3f} GiB (aliased {mem.alias_size_in_bytes / gib:5.3f})  "
+            f"compile {seconds:5.1f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

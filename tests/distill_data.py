@@ -14,8 +14,22 @@ def make_distill_data(model_dir: str, path: str, num_prompts: int, max_new_token
     prompts = path + ".prompts.jsonl"
     with open(prompts, "w") as f:
         for _ in range(num_prompts):
-            f.write(json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))}) + "\n")
-    argv = ["--model", model_dir, "--mode", "ar", "--prompts", prompts, "--max-new-tokens", str(max_new_tokens),
-            "--batch-size", "8", "--output", path]
+            f.write(
+                json.dumps({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))}) + "\n"
+            )
+    argv = [
+        "--model",
+        model_dir,
+        "--mode",
+        "ar",
+        "--prompts",
+        prompts,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--batch-size",
+        "8",
+        "--output",
+        path,
+    ]
     assert decode.main(argv) in (0, None)
     return path

@@ -30,7 +30,10 @@ def test_refuses_mismatched_or_missing(tiny_checkpoint, tmp_path):
     model_cfg = ModelConfig.from_pretrained(tiny_checkpoint)
     bita_cfg = BiTAConfig(num_prompt_tokens=2)
     out = adapter_io.save_adapter(
-        str(tmp_path / "a"), bita.init_adapter(model_cfg, bita_cfg, jax.random.key(0)), bita_cfg, tiny_checkpoint
+        str(tmp_path / "a"),
+        bita.init_adapter(model_cfg, bita_cfg, jax.random.key(0)),
+        bita_cfg,
+        tiny_checkpoint,
     )
     with pytest.raises(ConfigError, match="num_layers=2"):
         adapter_io.load_adapter(out, dataclasses.replace(model_cfg, num_layers=3))

@@ -18,15 +18,29 @@ def ids_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "d.jsonl"
     with open(path, "w") as f:
         for n in rng.integers(6, 30, 12):
-            f.write(json.dumps({"prompt_ids": [1, *rng.integers(3, 300, 4).tolist()],
-                                "output_ids": rng.integers(3, 300, n).tolist()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt_ids": [1, *rng.integers(3, 300, 4).tolist()],
+                        "output_ids": rng.integers(3, 300, n).tolist(),
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
 def config(model_dir, data_path, output, steps):
     return TrainConfig(
-        model=model_dir, output=output, steps=steps, batch_size=4, dtype="float32", log_every=1, save_every=2,
-        bita=BiTAConfig(num_prompt_tokens=2), data=DataConfig(path=data_path, max_groups=4, seq_buckets=(64,)),
+        model=model_dir,
+        output=output,
+        steps=steps,
+        batch_size=4,
+        dtype="float32",
+        log_every=1,
+        save_every=2,
+        bita=BiTAConfig(num_prompt_tokens=2),
+        data=DataConfig(path=data_path, max_groups=4, seq_buckets=(64,)),
         mesh=MeshConfig(data=2, fsdp=2, tensor=2),  # sharded save and restore
     )
 
@@ -75,7 +89,16 @@ def error_of(capsys, argv):
 
 
 def test_clear_errors(tiny_checkpoint, ids_data, tmp_path, capsys):
-    base = ["--model", tiny_checkpoint, "--data", ids_data, "--output", str(tmp_path / "o"), "--batch-size", "8"]
+    base = [
+        "--model",
+        tiny_checkpoint,
+        "--data",
+        ids_data,
+        "--output",
+        str(tmp_path / "o"),
+        "--batch-size",
+        "8",
+    ]
     assert "unknown config key train.optimizer.lr" in error_of(capsys, [*base, "--set", "optimizer.lr=1"])
     assert "unknown config key train.foo" in error_of(capsys, [*base, "--set", "foo=1"])
     assert "does not fit 8 devices" in error_of(capsys, [*base, "--mesh", "data=3,fsdp=1,tensor=1"])

@@ -70,9 +70,12 @@ def test_window_of_g_groups_and_padding():
 def test_read_ids_and_text_and_errors(tiny_checkpoint, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(
-        json.dumps({"prompt_ids": [1, 5, 6], "output_ids": [7, 8, 2]}) + "\n"
-        + json.dumps({"prompt_ids": [1, 5], "output_ids": [7, 8]}) + "\n\n"
-        + json.dumps({"prompt": "def add", "completion": "return a"}) + "\n"
+        json.dumps({"prompt_ids": [1, 5, 6], "output_ids": [7, 8, 2]})
+        + "\n"
+        + json.dumps({"prompt_ids": [1, 5], "output_ids": [7, 8]})
+        + "\n\n"
+        + json.dumps({"prompt": "def add", "completion": "return a"})
+        + "\n"
     )
     examples = data.read_examples(DataConfig(path=str(path)), tiny_checkpoint, eos_id=2)
     assert examples[0] == data.Example((1, 5, 6), (7, 8, 2))  # EOS already there: kept once
@@ -85,7 +88,10 @@ def test_read_ids_and_text_and_errors(tiny_checkpoint, tmp_path):
     chat = data.read_examples(DataConfig(path=str(path), chat=True), tiny_checkpoint, eos_id=2)
     assert tok.decode(chat[2].source).endswith("assistant:")
     # Host sharding: host 1 of 2 gets lines 2, 4, ...
-    assert data.read_examples(DataConfig(path=str(path)), tiny_checkpoint, 2, shard=(1, 2)) == [examples[1], examples[2]]
+    assert data.read_examples(DataConfig(path=str(path)), tiny_checkpoint, 2, shard=(1, 2)) == [
+        examples[1],
+        examples[2],
+    ]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt_ids": [1], "output_ids": [2]}) + "\n{not json\n")

@@ -1,7 +1,5 @@
 """A train step on a 2x2x2 (data, fsdp, tensor) mesh of 8 fake CPU devices equals the 1-device step."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,8 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
     params = hf_io.load_params(model_dir, cfg, sh.base)
     adapter = jax.device_put(adapter, sh.state.adapter)
     state = training.TrainState(
-        jax.device_put(jnp.zeros((), jnp.int32), sh.state.step), adapter,
+        jax.device_put(jnp.zeros((), jnp.int32), sh.state.step),
+        adapter,
         jax.jit(optimizer.init, out_shardings=sh.state.opt_state)(adapter),
     )
     step = training.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, 0, sh)
@@ -37,17 +36,21 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
 def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
     cfg = hf_io.load_config(tiny_checkpoint)
     rng = np.random.default_rng(0)
-    examples = [data.Example(tuple(rng.integers(3, 300, 5)), tuple(rng.integers(3, 300, n)) + (2,))
-                for n in (12, 20, 9, 30, 15, 7, 25, 18)]
+    examples = [
+        data.Example(tuple(rng.integers(3, 300, 5)), tuple(rng.integers(3, 300, n)) + (2,))
+        for n in (12, 20, 9, 30, 15, 7, 25, 18)
+    ]
     stream = data.BatchStream(examples, 8, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
     batches = [stream.batch(e, 0, 64) for e in range(2)]
     one_state, one = run_steps(tiny_checkpoint, make_mesh(MeshConfig(data=1), jax.devices()[:1]), batches)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     many_state, many = run_steps(tiny_checkpoint, mesh, batches)
     # The base really is sharded (fsdp on embed, tensor on heads), the batch over data x fsdp.
-    assert many_state.adapter["prefix_keys"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+    assert many_state.adapter["prefix_keys"].sharding.spec == jax.sharding.PartitionSpec(
+        None, None, "tensor", None
+    )
     # float32 throughout; only the reduction order differs between layouts.
-    for a, b in zip(one, many):
+    for a, b in zip(one, many, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         np.testing.assert_allclose(a["mask_acc"], b["mask_acc"], atol=1e-6)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)

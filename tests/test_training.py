@@ -25,7 +25,9 @@ def distilled(tmp_path_factory):
     """A tiny checkpoint with a sharper LM head (init std 0.3) and 16 greedy generations of it."""
     root = tmp_path_factory.mktemp("distill")
     model_dir = make_tiny_checkpoint(str(root / "model"), seed=1, initializer_range=0.3)
-    return model_dir, make_distill_data(model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40)
+    return model_dir, make_distill_data(
+        model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40
+    )
 
 
 def one_batch(model_dir, data_path, cfg, batch=4, length=128):
@@ -42,17 +44,21 @@ def test_normal_rows_are_the_base_model(distilled):
     model = LlamaModel(cfg)
     mask = data.attention_mask(b["group"], b["visible_end"], b["positions"])
     adapter = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(1))
-    with_adapter, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask, adapter=adapter,
-                                  prefix_visible=b["group"] >= 0)
+    with_adapter, _ = model.apply(
+        {"params": params}, b["tokens"], b["positions"], mask, adapter=adapter, prefix_visible=b["group"] >= 0
+    )
     other = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(2))
-    with_other, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask, adapter=other,
-                                prefix_visible=b["group"] >= 0)
+    with_other, _ = model.apply(
+        {"params": params}, b["tokens"], b["positions"], mask, adapter=other, prefix_visible=b["group"] >= 0
+    )
     without, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask)
     normal = b["group"] < 0
     # Same program, different adapters: normal rows are bit-identical (nothing leaks into them).
     np.testing.assert_array_equal(np.asarray(with_adapter)[normal], np.asarray(with_other)[normal])
     # Versus no adapter at all (a softmax over fewer columns): equal up to f32 reduction order.
-    np.testing.assert_allclose(np.asarray(with_adapter)[normal], np.asarray(without)[normal], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(with_adapter)[normal], np.asarray(without)[normal], rtol=0, atol=2e-5
+    )
     assert not np.allclose(np.asarray(with_adapter)[~normal], np.asarray(without)[~normal], atol=1e-3)
     # ... and equal Hugging Face torch on each sequence's normal part (float32, 1e-4).
     torch_model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -98,8 +104,14 @@ def test_grad_accumulation_is_exact(distilled):
 def test_loss_falls_and_mask_acc_rises(distilled, tmp_path):
     model_dir, data_path = distilled
     cfg = TrainConfig(
-        model=model_dir, output=str(tmp_path / "run"), steps=120, batch_size=8, dtype="float32",
-        log_every=10, save_every=1000, bita=dataclasses.replace(BITA, prefix_dropout=0.1),
+        model=model_dir,
+        output=str(tmp_path / "run"),
+        steps=120,
+        batch_size=8,
+        dtype="float32",
+        log_every=10,
+        save_every=1000,
+        bita=dataclasses.replace(BITA, prefix_dropout=0.1),
         data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
     )
     training.run(cfg)

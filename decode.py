@@ -2,21 +2,33 @@
 
   python decode.py --model DIR --mode ar --prompt "def add(a, b):" --max-new-tokens 64
   python decode.py --model DIR --prompts prompts.jsonl --batch-size 4 --output out.jsonl
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds) and prints a short summary. Each mode is a function in MODES.
+seconds; for bita `steps` counts tree steps) and prints a short summary. Each mode is a function in
+MODES. BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare,
+the speedup over AR on the same prompts and whether every output is identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 from tqdm import tqdm
 
-from bita_jax import decoding, generation_io, hf_io
+from bita_jax import adapter_io, decoding, generation_io, hf_io
+from bita_jax.bita import ADAPTER_AXES
 from bita_jax.cli import UserError, run_main
-from bita_jax.config import DTYPES
+from bita_jax.config import DTYPES, MeshConfig
+from bita_jax.llama import abstract_params
+from bita_jax.sharding import LOGICAL_AXIS_RULES, logical_sharding, make_mesh, tree_shardings
+from bita_jax.tree import DEFAULT_TREE, parse_tree
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
+    parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors), for --mode bita")
+    parser.add_argument("--tree", default=DEFAULT_TREE, help="draft tree: upper:K, chain, or JSON paths")
+    parser.add_argument(
+        "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
+    )
+    parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     return parser
 
 
@@ -48,7 +66,63 @@ def decode_ar(args, config, params, prompt_ids: list[list[int]], progress: tqdm)
     return generations, generate.compile_seconds
 
 
-MODES = {"ar": decode_ar}
+def decode_bita(args, config, params, prompt_ids: list[list[int]], progress: tqdm):
+    """BiTA tree decoding; prints acceptance (and the AR comparison); returns (generations, compile s)."""
+    if not args.adapter:
+        raise UserError("--mode bita needs --adapter DIR")
+    bita_cfg, arrays = adapter_io.load_adapter(args.adapter, config)
+    tree = parse_tree(args.tree, bita_cfg.num_mask_tokens)
+    mesh = jax.sharding.get_mesh()  # set by --mesh
+    adapter = {
+        name: jax.device_put(x, None if mesh.empty else logical_sharding(ADAPTER_AXES[name], mesh))
+        for name, x in arrays.items()
+    }
+    weights = (params, adapter)
+    generate = generation_io.CompiledByShape(decoding.make_bita_generate(config, tree, args.max_new_tokens))
+    generate.prepare_batches(weights, prompt_ids, args.batch_size, config.pad_id)
+    accepted = []
+
+    def on_batch(state, rows):
+        accepted.append(np.asarray(state.extra.accepted_per_level)[:rows])
+        progress.update(rows)
+
+    generations = decoding.generate_batches(
+        generate, weights, prompt_ids, args.batch_size, config.pad_id, on_batch=on_batch
+    )
+    out = sys.stdout if args.output else sys.stderr
+    tqdm.write(f"tree {args.tree}: {tree.describe()}", file=out)
+    tqdm.write(generation_io.acceptance_report(generations, np.concatenate(accepted)), file=out)
+    if args.compare:
+        progress.reset(total=len(prompt_ids))
+        progress.set_description("decode (ar, --compare)")
+        ar_generations, _ = decode_ar(args, config, params, prompt_ids, progress)
+        tqdm.write(generation_io.comparison_report(generations, ar_generations), file=out)
+    return generations, generate.compile_seconds
+
+
+MODES = {"ar": decode_ar, "bita": decode_bita}
+
+
+def device_mesh(args, config):
+    """(mesh, param shardings) for --mesh, or (None, None) for one device."""
+    if not args.mesh:
+        return None, None
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch_size % batch_ways:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of data*fsdp = {batch_ways}")
+    return mesh, tree_shardings(abstract_params(config), mesh)
+
+
+@contextlib.contextmanager
+def mesh_scope(mesh):
+    """Traces under the mesh and the logical-axis rules, so activations and the cache keep their
+    logical shardings; without a mesh, a no-op."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
 
 
 def prompt_texts(args) -> list[str]:
@@ -72,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = hf_io.load_tokenizer(args.model)
     prompt_ids = hf_io.encode_prompts(tokenizer, texts, args.chat)
     decoding.check_lengths(config, [len(p) for p in prompt_ids], args.max_new_tokens)
-    params = hf_io.load_params(args.model, config)
+    mesh, shardings = device_mesh(args, config)
+    params = hf_io.load_params(args.model, config, shardings)
 
-    with tqdm(total=len(texts), desc=f"decode ({args.mode})", unit="prompt", file=sys.stderr) as progress:
+    with (
+        mesh_scope(mesh),
+        tqdm(total=len(texts), desc=f"decode ({args.mode})", unit="prompt", file=sys.stderr) as progress,
+    ):
         generations, compile_seconds = MODES[args.mode](args, config, params, prompt_ids, progress)
     records = generation_io.result_records(tokenizer, texts, prompt_ids, generations)
     generation_io.write_jsonl(records, args.output)

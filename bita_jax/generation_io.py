@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from bita_jax.cli import UserError
 from bita_jax.decoding import Generation, pad_batch
@@ -129,3 +130,30 @@ def write_jsonl(records: list[dict[str, Any]], path: str | None = None) -> None:
     else:
         with open(path, "w") as f:
             f.write(lines)
+
+
+def acceptance_report(generations: list[Generation], accepted_per_level: np.ndarray) -> str:
+    """BiTA's per-run acceptance: tokens per tree step and the acceptance rate of each draft level.
+
+    Args:
+      accepted_per_level: [prompts, Dt] steps in which draft level m was accepted (and kept).
+    """
+    tokens = sum(len(g.output_ids) for g in generations)
+    steps = sum(g.steps for g in generations)
+    seconds = sum(g.seconds for g in generations)
+    rates = accepted_per_level.sum(axis=0) / max(steps, 1)
+    levels = ", ".join(f"{m + 1}: {100 * r:.1f}%" for m, r in enumerate(rates))
+    return (
+        f"tokens per step {tokens / max(steps, 1):.2f} (accepted drafts + bonus), "
+        f"acceptance per draft level (share of steps) {levels}, "
+        f"{tokens / seconds if seconds > 0 else float('nan'):.1f} tokens/s"
+    )
+
+
+def comparison_report(bita: list[Generation], ar: list[Generation]) -> str:
+    """Speedup of BiTA over AR on the same prompts and whether every output is identical."""
+    differ = [i for i, (b, a) in enumerate(zip(bita, ar, strict=True)) if b.output_ids != a.output_ids]
+    bita_s, ar_s = sum(g.seconds for g in bita), sum(g.seconds for g in ar)
+    same = "identical outputs: yes" if not differ else f"identical outputs: NO (prompts {differ})"
+    speedup = ar_s / bita_s if bita_s > 0 else float("nan")
+    return f"compare: AR {ar_s:.2f} s, BiTA {bita_s:.2f} s, speedup {speedup:.2f}x, {same}"

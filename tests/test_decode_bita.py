@@ -1,0 +1,106 @@
+"""decode.py --mode bita: output ids equal --mode ar for adapters trained by the training code and
+saved by save_adapter, at batch 1 and 3; --compare, --tree, --mesh; one-line errors."""
+
+import json
+import os
+
+import jax
+import pytest
+
+import decode
+from bita_jax import adapter_io, bita, hf_io, training
+from bita_jax.cli import run_main
+from bita_jax.config import BiTAConfig, DataConfig, TrainConfig
+from tests.distill_data import make_distill_data
+from tests.tiny_checkpoint import make_tiny_checkpoint
+
+PROMPTS = ["def add(a, b):", "The quick brown fox", "x", "import os\nimport sys\nprint(os.getcwd())"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model dir, adapter dir): a sharp tiny model (repetitive greedy output) and an adapter
+    trained for a few steps on its own greedy generations."""
+    root = tmp_path_factory.mktemp("bita_cli")
+    model_dir = make_tiny_checkpoint(str(root / "model"), seed=1, initializer_range=0.3)
+    data_path = make_distill_data(model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40)
+    cfg = TrainConfig(
+        model=model_dir,
+        output=str(root / "run"),
+        steps=60,
+        batch_size=8,
+        dtype="float32",
+        log_every=20,
+        save_every=1000,
+        bita=BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0),
+        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
+    )
+    training.run(cfg)
+    return model_dir, os.path.join(cfg.output, training.ADAPTER_DIR)
+
+
+def run_decode(model_dir, out_file, *extra):
+    argv = ["--model", model_dir, "--max-new-tokens", str(MAX_NEW), "--output", str(out_file)]
+    assert run_main(decode.main, argv + ["--prompt", *PROMPTS, *extra]) == 0
+    with open(out_file) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_bita_cli_equals_ar(trained, tmp_path, capsys):
+    model_dir, adapter_dir = trained
+    ar = run_decode(model_dir, tmp_path / "ar.jsonl", "--mode", "ar", "--batch-size", "3")
+    ar_ids = [r["output_ids"] for r in ar]
+    for batch_size, tree in [(1, "upper:5"), (3, "chain")]:
+        bita = run_decode(
+            model_dir,
+            tmp_path / f"bita{batch_size}.jsonl",
+            *("--mode", "bita", "--adapter", adapter_dir, "--batch-size", str(batch_size), "--tree", tree),
+            *(["--compare"] if batch_size == 1 else []),
+        )
+        assert [r["output_ids"] for r in bita] == ar_ids, (batch_size, tree)
+        assert [r["completion"] for r in bita] == [r["completion"] for r in ar]
+        out = capsys.readouterr().out
+        assert "acceptance per draft level" in out
+        assert batch_size > 1 or "identical outputs: yes" in out
+        # The trained drafts are accepted: fewer tree steps than AR steps.
+        assert sum(r["steps"] for r in bita) < sum(r["steps"] for r in ar), out
+
+
+@pytest.mark.slow
+def test_bita_cli_tensor_parallel(trained, tmp_path):
+    model_dir, adapter_dir = trained
+    single = run_decode(
+        model_dir, tmp_path / "one.jsonl", "--mode", "bita", "--adapter", adapter_dir, "--batch-size", "4"
+    )
+    mesh = ("--mesh", "data=4,fsdp=1,tensor=2", "--batch-size", "4")
+    for mode in ("ar", "bita"):
+        sharded = run_decode(
+            model_dir, tmp_path / f"{mode}8.jsonl", "--mode", mode, "--adapter", adapter_dir, *mesh
+        )
+        assert [r["output_ids"] for r in sharded] == [r["output_ids"] for r in single], mode
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mode", "bita"], "needs --adapter"),
+        (["--mode", "bita", "--adapter", "/nonexistent"], "adapter directory not found"),
+        (["--mode", "bita", "--adapter", "ADAPTER", "--tree", "upper:x"], "bad tree spec"),
+        (["--mode", "bita", "--adapter", "ADAPTER", "--tree", "[[0],[0,0],[0,0,0],[0,0,0,0]]"], "exceeds"),
+        (["--mode", "ar", "--mesh", "data=4,fsdp=1,tensor=2", "--batch-size", "3"], "multiple of"),
+        (["--mode", "ar", "--mesh", "data=3"], "mesh"),
+    ],
+)
+def test_bita_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
+    config = hf_io.load_config(tiny_checkpoint)
+    adapter_dir = str(tmp_path / "adapter")
+    adapter_io.save_adapter(
+        adapter_dir, bita.init_adapter(config, BiTAConfig(), jax.random.key(0)), BiTAConfig(), tiny_checkpoint
+    )
+    extra = [adapter_dir if x == "ADAPTER" else x for x in extra]
+    argv = ["--model", tiny_checkpoint, "--prompt", "x", "--max-new-tokens", "4", *extra]
+    assert run_main(decode.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err

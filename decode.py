@@ -14,10 +14,8 @@ the speedup over AR on the same prompts and whether every output is identical.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -27,7 +25,7 @@ from bita_jax.bita import ADAPTER_AXES
 from bita_jax.cli import UserError, run_main
 from bita_jax.config import DTYPES, MeshConfig
 from bita_jax.llama import abstract_params
-from bita_jax.sharding import LOGICAL_AXIS_RULES, logical_sharding, make_mesh, tree_shardings
+from bita_jax.sharding import logical_sharding, make_mesh, mesh_rules, tree_shardings
 from bita_jax.tree import DEFAULT_TREE, parse_tree
 
 
@@ -114,17 +112,6 @@ def device_mesh(args, config):
     return mesh, tree_shardings(abstract_params(config), mesh)
 
 
-@contextlib.contextmanager
-def mesh_scope(mesh):
-    """Traces under the mesh and the logical-axis rules, so activations and the cache keep their
-    logical shardings; without a mesh, a no-op."""
-    if mesh is None:
-        yield
-        return
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        yield
-
-
 def prompt_texts(args) -> list[str]:
     if args.prompt and args.prompts:
         raise UserError("give either --prompt or --prompts, not both")
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     params = hf_io.load_params(args.model, config, shardings)
 
     with (
-        mesh_scope(mesh),
+        mesh_rules(mesh),
         tqdm(total=len(texts), desc=f"decode ({args.mode})", unit="prompt", file=sys.stderr) as progress,
     ):
         generations, compile_seconds = MODES[args.mode](args, config, params, prompt_ids, progress)

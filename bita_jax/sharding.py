@@ -6,8 +6,9 @@ module resolves them to mesh axes. Nothing else writes a PartitionSpec by hand.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -124,3 +125,14 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULE
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh | None, rules: Rules = LOGICAL_AXIS_RULES) -> Iterator[None]:
+    """Traces under the mesh and the rules, so the model's logical constraints (activations, the
+    KV cache) take effect; without a mesh, a no-op. Enter it after placing arrays, around jit calls."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

@@ -4,7 +4,6 @@ and greedy BiTA output equals greedy AR output token for token (float32), batche
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ from bita_jax import bita, decoding, hf_io
 from bita_jax.config import BiTAConfig, MeshConfig
 from bita_jax.kv_cache import CACHE_AXES, KVCache
 from bita_jax.llama import LlamaModel, abstract_params, causal_mask
-from bita_jax.sharding import LOGICAL_AXIS_RULES, logical_sharding, make_mesh, tree_shardings
+from bita_jax.sharding import logical_sharding, make_mesh, mesh_rules, tree_shardings
 from bita_jax.tree import DraftTree, parse_tree
 from bita_jax.tree_decoding import placeholder_drafts, tree_step
 
@@ -265,7 +264,7 @@ def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     tokens_s = jax.device_put(tokens, batch_sharding)
     lens_s = jax.device_put(lens, logical_sharding(("batch",), mesh))
     # Fresh jitted functions: the mesh and the rules are read at trace time.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with mesh_rules(mesh):
         ar_s = decoding.make_ar_generate(config, 20)(sharded, tokens_s, lens_s)
         bt_s = decoding.make_bita_generate(config, tree, 20)((sharded, sharded_adapter), tokens_s, lens_s)
     assert_same_generation(ar, ar_s)

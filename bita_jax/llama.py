@@ -9,6 +9,8 @@ pytree: mask-token embeddings (ids V..V+M-1) and per-layer prefix keys/values th
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,12 @@ def _init():
     return nn.initializers.normal(stddev=0.02)
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    """A weight in the config dtype, N(0, 0.02) at init, annotated with its logical axes."""
+    dtype = jnp.dtype(module.config.dtype)
+    return module.param(name, nn.with_logical_partitioning(_init(), axes), shape, dtype)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -33,10 +41,7 @@ class Attention(nn.Module):
         c = self.config
         dt = jnp.dtype(c.dtype)
         G = c.num_heads // c.num_kv_heads
-
-        def proj(name, shape, axes):
-            return self.param(name, nn.with_logical_partitioning(_init(), axes), shape, dt)
-
+        proj = functools.partial(_weight, self)
         wq = proj("q_proj", (c.hidden_size, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"))
         wk = proj("k_proj", (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
         wv = proj("v_proj", (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
@@ -70,11 +75,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         """SwiGLU: [B, T, D] -> [B, T, D]."""
         c = self.config
-        dt = jnp.dtype(c.dtype)
-
-        def proj(name, shape, axes):
-            return self.param(name, nn.with_logical_partitioning(_init(), axes), shape, dt)
-
+        proj = functools.partial(_weight, self)
         gate = jnp.einsum(
             "btd,df->btf", x, proj("gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
         )
@@ -118,12 +119,7 @@ class LlamaModel(nn.Module):
     def setup(self):
         c = self.config
         dt = jnp.dtype(c.dtype)
-        self.embed_tokens = self.param(
-            "embed_tokens",
-            nn.with_logical_partitioning(_init(), ("vocab", "embed")),
-            (c.vocab_size, c.hidden_size),
-            dt,
-        )
+        self.embed_tokens = _weight(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         block = nn.remat(Block, prevent_cse=False) if c.remat else Block
         self.layers = nn.scan(
             block,
@@ -135,12 +131,7 @@ class LlamaModel(nn.Module):
         )(c)
         self.norm = RMSNorm(c.rms_norm_eps, dt, dt)
         if not c.tie_word_embeddings:
-            self.lm_head = self.param(
-                "lm_head",
-                nn.with_logical_partitioning(_init(), ("embed", "vocab")),
-                (c.hidden_size, c.vocab_size),
-                dt,
-            )
+            self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def __call__(
         self,

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -140,10 +141,14 @@ def loss_terms(
 
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
+    """In/out shardings of the train step, and the mesh + rules its activation constraints use."""
+
     state: TrainState
     base: Any
     batch: NamedSharding
     metrics: NamedSharding
+    mesh: Mesh
+    rules: Rules
 
 
 def step_shardings(
@@ -169,6 +174,8 @@ def step_shardings(
         base=tree_shardings(abstract_params(model_cfg), mesh, rules),
         batch=logical_sharding(BATCH_AXES, mesh, rules),
         metrics=replicated(mesh),
+        mesh=mesh,
+        rules=rules,
     )
 
 
@@ -188,7 +195,7 @@ def make_train_step(
     model = LlamaModel(model_cfg)
     M = bita_cfg.num_mask_tokens
 
-    def step(state: TrainState, base: Any, batch: dict[str, jax.Array]):
+    def update(state: TrainState, base: Any, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def micro(carry, inputs):
@@ -225,6 +232,17 @@ def make_train_step(
             "label_tokens": stats["labels"],
         }
         return TrainState(step=state.step + 1, adapter=adapter, opt_state=opt_state), metrics
+
+    def step(state: TrainState, base: Any, batch: dict[str, jax.Array]):
+        # The model's logical constraints are no-ops without rules and a mesh in context. Traced
+        # under them, activations stay sharded over the batch and each layer's weights are gathered
+        # inside the layer scan; without them XLA sharded activations over `embed` and replicated
+        # the batch (AOT, 7B, fsdp=8, seq 2304: 10.3 -> 7.6 GiB temporaries per device).
+        with (
+            jax.sharding.use_abstract_mesh(shardings.mesh.abstract_mesh),
+            nn.logical_axis_rules(shardings.rules),
+        ):
+            return update(state, base, batch)
 
     jitted = jax.jit(
         step,

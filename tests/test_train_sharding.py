@@ -25,11 +25,12 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
         jax.jit(optimizer.init, out_shardings=sh.state.opt_state)(adapter),
     )
     step = training.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, 0, sh)
+    program = step.lower(state, params, training.global_batch(batches[0], 2, sh.batch)).as_text()
     metrics = []
     for b in batches[:num_steps]:
         state, m = step(state, params, training.global_batch(b, 2, sh.batch))
         metrics.append(jax.device_get(m))
-    return state, metrics
+    return state, metrics, program
 
 
 @pytest.mark.slow
@@ -42,9 +43,12 @@ def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
     ]
     stream = data.BatchStream(examples, 8, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
     batches = [stream.batch(e, 0, 64) for e in range(2)]
-    one_state, one = run_steps(tiny_checkpoint, make_mesh(MeshConfig(data=1), jax.devices()[:1]), batches)
+    one_state, one, _ = run_steps(tiny_checkpoint, make_mesh(MeshConfig(data=1), jax.devices()[:1]), batches)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    many_state, many = run_steps(tiny_checkpoint, mesh, batches)
+    many_state, many, program = run_steps(tiny_checkpoint, mesh, batches)
+    # The model's activation constraints are live in the step: hidden states [B, T, D] are pinned
+    # to the batch axes (the embeddings and every layer's output).
+    assert "sharding_constraint" in program and '[{"data", "fsdp"}, {}, {}]' in program
     # The base really is sharded (fsdp on embed, tensor on heads), the batch over data x fsdp.
     assert many_state.adapter["prefix_keys"].sharding.spec == jax.sharding.PartitionSpec(
         None, None, "tensor", None

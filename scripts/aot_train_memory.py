@@ -1,11 +1,17 @@
 """Full-size BiTA train steps compiled ahead of time on fake CPU devices: per-device memory, no weights.
 
-  python scripts/aot_train_memory.py [--devices 16] [--seq 2240] [--per-device-batch 1]
+  python scripts/aot_train_memory.py [--devices 16] [--seq 2304] [--per-device-batch 1] [--case N]
+                                    [--no-hoist]
 
 The LLaMA-2 configs below are the published config.json contents of meta-llama/Llama-2-{7b,70b}-chat-hf
 (test fixtures, so no checkpoint is needed). Every input is an abstract `jax.ShapeDtypeStruct` carrying
 its sharding; the step is lowered and compiled exactly as training compiles it, and the compiler's
 memory analysis is printed per device.
+
+XLA:CPU has no bfloat16 matmuls: it converts bf16 operands to float32, and its loop-invariant code
+motion then hoists the conversion of the whole (sharded) stacked layer weights and the saved layer
+inputs out of the layer loop, float32 copies that TPU/GPU compilers never make. `--no-hoist`
+disables that pass to estimate the accelerator figure.
 """
 
 from __future__ import annotations
@@ -53,8 +59,15 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=16, help="fake CPU devices")
     parser.add_argument("--seq", type=int, default=2048 + 64 * 4, help="padded length: cutoff + G * M")
     parser.add_argument("--per-device-batch", type=int, default=1)
+    parser.add_argument("--case", type=int, choices=range(len(CASES)), help="compile only CASES[N]")
+    parser.add_argument(
+        "--no-hoist", action="store_true", help="disable XLA:CPU's while-loop invariant code motion"
+    )
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    flags = [f"--xla_force_host_platform_device_count={args.devices}"]
+    if args.no_hoist:
+        flags.append("--xla_disable_hlo_passes=while-loop-invariant-code-motion")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,8 +86,9 @@ def main() -> None:
     print(
         f"jax {jax.__version__}, {args.devices} fake CPU devices, seq {args.seq}, bf16 base, remat, "
         f"f32 adapter + AdamW, {args.per_device_batch} sequence(s) per data shard"
+        + (", no loop-invariant hoisting" if args.no_hoist else "")
     )
-    for name, hf, num_masks, mesh_text in CASES:
+    for name, hf, num_masks, mesh_text in CASES if args.case is None else CASES[args.case : args.case + 1]:
         mesh_cfg = MeshConfig.parse(mesh_text)
         n = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor
         mesh = make_mesh(mesh_cfg, jax.devices()[:n])

@@ -1,4 +1,4 @@
-"""BiTA training: normal rows are the base model, accumulation is exact, and the loss falls."""
+"""BiTA training: normal rows are the base model, accumulation is exact, and the mask tokens learn."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bita_jax import bita, data, hf_io, training
+from bita_jax import bita, data, decoding, hf_io, pretrain, training
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from bita_jax.llama import LlamaModel
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -18,6 +18,8 @@ from tests.distill_data import make_distill_data
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0)
+PERIOD = 4  # the pretraining corpus repeats motifs of this many tokens
+ALPHABET = 32  # motif tokens are drawn from ids 3..34
 
 
 @pytest.fixture(scope="module")
@@ -100,25 +102,74 @@ def test_grad_accumulation_is_exact(distilled):
         np.testing.assert_allclose(s1.adapter[name], s2.adapter[name], rtol=1e-5, atol=1e-7)
 
 
+def motif(rng: np.random.Generator) -> list[int]:
+    """PERIOD distinct ordinary token ids (0, 1, 2 are unk, bos, eos)."""
+    return [int(t) for t in rng.choice(np.arange(3, 3 + ALPHABET), PERIOD, replace=False)]
+
+
+@pytest.fixture(scope="module")
+def patterned(tmp_path_factory):
+    """A tiny LLaMA pretrained to continue period-4 patterns, and its greedy outputs as BiTA data.
+
+    The base model's next token is then a function of the context (the token PERIOD back), so every
+    mask's target is predictable and a working adapter must reach high mask accuracy.
+    Returns (model_dir, data_path, prompts, generations).
+    """
+    root = tmp_path_factory.mktemp("patterned")
+    model_dir = make_tiny_checkpoint(str(root / "model"), seed=0)  # config.json + tokenizer
+    cfg = hf_io.load_config(model_dir, dtype="float32")
+    params = hf_io.load_params(model_dir, cfg)
+    rng = np.random.default_rng(0)
+    docs = [[cfg.bos_token_id, *motif(rng) * 16] for _ in range(400)]
+    windows = pretrain.pack_documents(docs, 64, cfg.eos_token_ids[0])
+    steps = 300
+    optimizer, _ = training.make_optimizer(OptimizerConfig(learning_rate=2e-2, warmup_steps=20), steps)
+    pretrain_step = pretrain.make_pretrain_step(cfg, optimizer)
+    opt_state = optimizer.init(params)
+    for _, windows_batch in zip(range(steps), pretrain.epoch_batches(windows, 16, 0), strict=False):
+        params, opt_state, _ = pretrain_step(params, opt_state, windows_batch)
+    with open(f"{model_dir}/config.json") as f:
+        hf_io.save_params(params, cfg, model_dir, hf_config=json.load(f))
+    # Self-distillation with the project's AR decoding, on motifs the model never saw.
+    prompts = [[cfg.bos_token_id, *motif(rng) * 2] for _ in range(16)]
+    generate = decoding.make_ar_generate(cfg, 40)
+    generations = decoding.generate_batches(generate, params, prompts, 16, cfg.pad_id)
+    data_path = str(root / "data.jsonl")
+    with open(data_path, "w") as f:
+        for prompt, gen in zip(prompts, generations, strict=True):
+            f.write(json.dumps({"prompt_ids": prompt, "output_ids": gen.output_ids}) + "\n")
+    return model_dir, data_path, prompts, generations
+
+
 @pytest.mark.slow
-def test_loss_falls_and_mask_acc_rises(distilled, tmp_path):
-    model_dir, data_path = distilled
+def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
+    model_dir, data_path, prompts, generations = patterned
+    # The premise: greedy decoding continues every unseen motif exactly (no EOS within 40 tokens).
+    for prompt, gen in zip(prompts, generations, strict=True):
+        assert gen.output_ids == (prompt[1 : 1 + PERIOD] * 10)[:40]
     cfg = TrainConfig(
         model=model_dir,
         output=str(tmp_path / "run"),
-        steps=120,
+        steps=20,
         batch_size=8,
         dtype="float32",
-        log_every=10,
+        log_every=1,
         save_every=1000,
         bita=dataclasses.replace(BITA, prefix_dropout=0.1),
         data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
     )
     training.run(cfg)
     logs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    first, last = logs[:3], logs[-3:]
-    mean = lambda rows, key: float(np.mean([r[key] for r in rows]))  # noqa: E731
     print("loss", [round(r["loss"], 3) for r in logs], "acc", [r["mask_acc"] for r in logs])
-    assert mean(last, "loss") < mean(first, "loss") - 0.3
-    assert np.mean([r["mask_acc"] for r in last]) > np.mean([r["mask_acc"] for r in first])
+    # Step 1's metrics are those of the initial adapter. Observed: loss 3.38 -> 0.04-0.05 over the
+    # last 5 steps, mask_acc [0.45, 0.34, 0.45] -> [1.0, 1.0, 1.0] (0.98 at times on the last
+    # offset: each example's last target is the appended EOS, which the base model never predicts).
+    first, last = logs[0], logs[-5:]
+    assert len(logs) == 20
+    assert np.mean([r["loss"] for r in last]) < 0.1 * first["loss"]
+    final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]
+    start_acc = np.asarray(first["mask_acc"])
+    # Every offset ends near perfect, with at most a quarter of the errors it started with.
+    assert np.all(final_acc >= 0.95), final_acc
+    assert np.all(1.0 - final_acc <= 0.25 * (1.0 - start_acc)), (start_acc, final_acc)
     assert all(len(r["mask_acc"]) == 3 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs)

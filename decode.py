@@ -1,5 +1,6 @@
 """Greedy decoding from a Hugging Face LLaMA checkpoint.
 
+  python decode.py        # no arguments: the packaged demo, BiTA vs AR on held-out prompts
   python decode.py --model DIR --mode ar --prompt "def add(a, b):" --max-new-tokens 64
   python decode.py --model DIR --prompts prompts.jsonl --batch-size 4 --output out.jsonl
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from bita_jax import adapter_io, decoding, generation_io, hf_io
+from bita_jax import adapter_io, decoding, demo_files, generation_io, hf_io
 from bita_jax.bita import ADAPTER_AXES
 from bita_jax.cli import UserError, run_main
 from bita_jax.config import DTYPES, MeshConfig
@@ -123,6 +124,10 @@ def prompt_texts(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    demo = not argv  # no arguments: BiTA vs AR on the packaged demo (bita_jax/demo_files.py)
+    if demo:
+        argv = demo_files.demo_argv(jax.default_backend())
     args = build_parser().parse_args(argv)
     if not args.model:
         raise UserError("--model DIR is required")
@@ -142,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         generations, compile_seconds = MODES[args.mode](args, config, params, prompt_ids, progress)
     records = generation_io.result_records(tokenizer, texts, prompt_ids, generations)
-    generation_io.write_jsonl(records, args.output)
+    if demo:
+        print(demo_files.format_completions(records))
+    else:
+        generation_io.write_jsonl(records, args.output)
     # Records own stdout unless --output is given; the summary goes wherever they do not.
     print(
         generation_io.summarize(generations, compile_seconds), file=sys.stdout if args.output else sys.stderr

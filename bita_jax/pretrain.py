@@ -17,8 +17,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from bita_jax.config import ModelConfig
+from bita_jax.config import ModelConfig, OptimizerConfig
 from bita_jax.llama import LlamaModel, causal_mask
+from bita_jax.training import make_optimizer
 
 
 def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> np.ndarray:
@@ -50,16 +51,6 @@ def next_token_loss(model: LlamaModel, params, windows: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def make_optimizer(learning_rate: float, steps: int, warmup: int, weight_decay: float = 0.1):
-    """AdamW with linear warmup, cosine decay to 10% and gradient clipping at 1.0."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, warmup), max(steps, warmup + 1), learning_rate * 0.1
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.95, weight_decay=weight_decay)
-    ), schedule
-
-
 def make_pretrain_step(config: ModelConfig, optimizer: optax.GradientTransformation) -> Callable:
     """Jitted `(params, opt_state, windows [B, T+1]) -> (params, opt_state, loss)`, state donated."""
     model = LlamaModel(config)
@@ -88,18 +79,19 @@ def pretrain(
     *,
     steps: int,
     batch_size: int,
-    learning_rate: float,
-    warmup: int,
+    optimizer_config: OptimizerConfig,
     seed: int = 0,
     eval_windows: np.ndarray | None = None,
     log_every: int = 25,
     metrics_path: str | None = None,
 ):
-    """Trains all params on packed windows with AdamW; shows progress and logs loss.
+    """Trains all params on packed windows with the BiTA trainer's optimizer; shows progress, logs loss.
 
     Args:
       windows: [num, T + 1] int32 from `pack_documents`.
-      eval_windows: optional held-out windows; their mean loss is logged at each log step.
+      optimizer_config: AdamW settings (`training.make_optimizer`: clipping, warmup, cosine decay).
+      eval_windows: optional held-out windows (at least batch_size); their mean loss is logged at
+        each log step, over whole batches so the eval step compiles once.
       metrics_path: optional jsonl file receiving {"step", "loss", "eval_loss", "lr", "seconds"}.
 
     Returns:
@@ -107,7 +99,10 @@ def pretrain(
     """
     if len(windows) < batch_size:
         raise ValueError(f"{len(windows)} windows cannot fill a batch of {batch_size}")
-    optimizer, schedule = make_optimizer(learning_rate, steps, warmup)
+    eval_batches = 0 if eval_windows is None else len(eval_windows) // batch_size
+    if eval_windows is not None and not eval_batches:
+        raise ValueError(f"{len(eval_windows)} eval windows cannot fill a batch of {batch_size}")
+    optimizer, schedule = make_optimizer(optimizer_config, steps)
     opt_state = optimizer.init(params)
     step_fn = make_pretrain_step(config, optimizer)
     model = LlamaModel(config)
@@ -131,8 +126,11 @@ def pretrain(
                 }
                 recent = []
                 if eval_windows is not None:
-                    chunks = [eval_windows[i : i + batch_size] for i in range(0, len(eval_windows), batch_size)]
-                    record["eval_loss"] = float(np.mean([eval_fn(params, c) for c in chunks if len(c)]))
+                    chunks = [
+                        eval_windows[i : i + batch_size]
+                        for i in range(0, eval_batches * batch_size, batch_size)
+                    ]
+                    record["eval_loss"] = float(np.mean([eval_fn(params, c) for c in chunks]))
                 history.append(record)
                 bar.set_postfix({k: record[k] for k in ("loss", "eval_loss") if k in record})
                 if out:

@@ -65,3 +65,17 @@ def test_demo_bita_equals_ar_with_several_tokens_per_step(demo):
         assert b.output_ids == a.output_ids
     tokens_per_step = sum(len(g.output_ids) for g in bita) / sum(g.steps for g in bita)
     assert tokens_per_step >= 2.0, f"BiTA made {tokens_per_step:.2f} tokens per step on held-out prompts"
+
+
+@pytest.mark.slow
+def test_decode_py_without_arguments_runs_the_demo(capsys):
+    import re
+
+    import decode
+
+    assert decode.main([]) == 0
+    out, err = capsys.readouterr()
+    assert "--- completion 1" in out
+    assert "identical outputs: yes" in err
+    tokens_per_step = float(re.search(r"tokens per step ([0-9.]+)", err).group(1))
+    assert tokens_per_step >= 2.0

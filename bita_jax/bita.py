@@ -35,7 +35,7 @@ def init_adapter(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> dict[s
     keys = jax.random.split(rng, len(shapes))
     return {
         name: bita.init_std * jax.random.normal(key, shape, jnp.float32)
-        for key, (name, shape) in zip(keys, sorted(shapes.items()))
+        for key, (name, shape) in zip(keys, sorted(shapes.items()), strict=True)
     }
 
 

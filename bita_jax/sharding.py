@@ -82,7 +82,11 @@ def check_rules(rules: Rules) -> None:
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh over all (or the given) devices."""
+    """Builds a (data, fsdp, tensor) mesh over all (or the given) devices.
+
+    On a single host a mesh smaller than the device count uses the first devices; across hosts
+    the mesh must cover every device.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [config.data, config.fsdp, config.tensor]
     if sizes.count(-1) > 1:
@@ -93,6 +97,9 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
             f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} does not fit {len(devices)} devices"
         )
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) < len(devices) and jax.process_count() == 1:
+        # A smaller mesh on one host takes the first devices (e.g. a 1-device reference run).
+        devices = devices[: math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise ConfigError(
             f"mesh data={sizes[0]},fsdp={sizes[1]},tensor={sizes[2]} needs {math.prod(sizes)} devices, "

@@ -52,17 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def decode_ar(args, config, params, prompt_ids: list[list[int]], progress: tqdm):
     """Autoregressive greedy decoding; returns (generations, compile seconds)."""
-    generate = generation_io.CompiledByShape(decoding.make_ar_generate(config, args.max_new_tokens))
-    generate.prepare_batches(params, prompt_ids, args.batch_size, config.pad_id)
-    generations = decoding.generate_batches(
-        generate,
+    generations, _, compile_seconds = generation_io.compile_and_generate(
+        decoding.make_ar_generate(config, args.max_new_tokens),
         params,
         prompt_ids,
         args.batch_size,
         config.pad_id,
         on_batch=lambda _state, rows: progress.update(rows),
     )
-    return generations, generate.compile_seconds
+    return generations, compile_seconds
 
 
 def decode_bita(args, config, params, prompt_ids: list[list[int]], progress: tqdm):
@@ -77,16 +75,19 @@ def decode_bita(args, config, params, prompt_ids: list[list[int]], progress: tqd
         for name, x in arrays.items()
     }
     weights = (params, adapter)
-    generate = generation_io.CompiledByShape(decoding.make_bita_generate(config, tree, args.max_new_tokens))
-    generate.prepare_batches(weights, prompt_ids, args.batch_size, config.pad_id)
     accepted = []
 
     def on_batch(state, rows):
         accepted.append(np.asarray(state.extra.accepted_per_level)[:rows])
         progress.update(rows)
 
-    generations = decoding.generate_batches(
-        generate, weights, prompt_ids, args.batch_size, config.pad_id, on_batch=on_batch
+    generations, _, compile_seconds = generation_io.compile_and_generate(
+        decoding.make_bita_generate(config, tree, args.max_new_tokens),
+        weights,
+        prompt_ids,
+        args.batch_size,
+        config.pad_id,
+        on_batch=on_batch,
     )
     out = sys.stdout if args.output else sys.stderr
     tqdm.write(f"tree {args.tree}: {tree.describe()}", file=out)
@@ -96,7 +97,7 @@ def decode_bita(args, config, params, prompt_ids: list[list[int]], progress: tqd
         progress.set_description("decode (ar, --compare)")
         ar_generations, _ = decode_ar(args, config, params, prompt_ids, progress)
         tqdm.write(generation_io.comparison_report(generations, ar_generations), file=out)
-    return generations, generate.compile_seconds
+    return generations, compile_seconds
 
 
 MODES = {"ar": decode_ar, "bita": decode_bita}

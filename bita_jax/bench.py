@@ -57,20 +57,8 @@ class MethodResult:
         return {**out, "tokens_per_s": self.tokens_per_s, "tokens_per_forward": self.tokens_per_forward}
 
 
-def timed_batches(generate, params, prompt_ids, batch_size, pad_id, on_batch=None):
-    """Compiles every shape, then times `decoding.generate_batches`.
-
-    Returns (generations, decoding seconds for all prompts, compile seconds).
-    """
-    compiled = generation_io.CompiledByShape(generate)
-    compiled.prepare_batches(params, prompt_ids, batch_size, pad_id)
-    t0 = time.perf_counter()
-    generations = decoding.generate_batches(compiled, params, prompt_ids, batch_size, pad_id, on_batch)
-    return generations, time.perf_counter() - t0, compiled.compile_seconds
-
-
 def run_ours(config, params, prompt_ids, max_new, batch_size) -> MethodResult:
-    generations, seconds, compile_s = timed_batches(
+    generations, seconds, compile_s = generation_io.compile_and_generate(
         decoding.make_ar_generate(config, max_new), params, prompt_ids, batch_size, config.pad_id
     )
     return MethodResult(
@@ -117,7 +105,7 @@ def run_bita(config, params, adapter, prompt_ids, max_new, batch_size, tree_spec
         accepted[:] += counts.sum(axis=0)
         steps[0] += int(row_steps.sum())
 
-    generations, seconds, compile_s = timed_batches(
+    generations, seconds, compile_s = generation_io.compile_and_generate(
         decoding.make_bita_generate(config, tree, max_new), (params, adapter), prompt_ids, batch_size,
         config.pad_id, on_batch,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from bita_jax.cli import UserError
-from bita_jax.decoding import Generation, pad_batch
+from bita_jax.decoding import Generation, generate_batches, pad_batch
 
 
 def read_prompts(path: str) -> list[str]:
@@ -74,6 +74,25 @@ class CompiledByShape:
         for start in range(0, len(prompts), batch_size):
             tokens, lens = pad_batch(prompts[start : start + batch_size], batch_size, pad_id)
             self.prepare(params, tokens, lens)
+
+
+def compile_and_generate(
+    jitted: Callable,
+    params,
+    prompt_ids: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    on_batch: Callable | None = None,
+) -> tuple[list[Generation], float, float]:
+    """Compiles every (batch, bucket) shape first, then runs `decoding.generate_batches`.
+
+    Returns (generations, decoding seconds for all prompts, compile seconds).
+    """
+    compiled = CompiledByShape(jitted)
+    compiled.prepare_batches(params, prompt_ids, batch_size, pad_id)
+    t0 = time.perf_counter()
+    generations = generate_batches(compiled, params, prompt_ids, batch_size, pad_id, on_batch)
+    return generations, time.perf_counter() - t0, compiled.compile_seconds
 
 
 @dataclasses.dataclass

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
     )
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="scan the layers: faster compiles for deep models, slower steps (default: unrolled)",
+    )
     return parser
 
 
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     texts = prompt_texts(args)
-    config = hf_io.load_config(args.model, dtype=args.dtype)
+    config = hf_io.load_config(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
     tokenizer = hf_io.load_tokenizer(args.model)
     prompt_ids = hf_io.encode_prompts(tokenizer, texts, args.chat)
     decoding.check_lengths(config, [len(p) for p in prompt_ids], args.max_new_tokens)

@@ -49,6 +49,9 @@ class ModelConfig:
     pad_token_id: int | None
     dtype: str = "float32"
     remat: bool = False
+    # Layers as one `nn.scan` over stacked [L, ...] params (fast compiles; training) or unrolled
+    # with each layer's params its own arrays (decoding: no per-layer weight copy, see llama.py).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -153,11 +153,19 @@ def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def _entries(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | None]]:
-    """The mapping table entries that exist for this config (no lm_head when tied)."""
+    """The mapping table entries that exist for this config (no lm_head when tied).
+
+    With unrolled layers (`scan_layers=False`) each per-layer entry becomes L entries, one per
+    `layers_{i}` subtree; with scanned layers it stays one entry for the stacked [L, ...] array.
+    """
     for path, hf_name, in_dims in PARAM_MAP:
         if path == ("lm_head",) and config.tie_word_embeddings:
             continue
-        yield path, hf_name, in_dims
+        if "{i}" in hf_name and not config.scan_layers:
+            for i in range(config.num_layers):
+                yield (f"layers_{i}", *path[1:]), hf_name.format(i=i), in_dims
+        else:
+            yield path, hf_name, in_dims
 
 
 def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> dict:
@@ -170,7 +178,8 @@ def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> d
         straight into its sharding. Default: the default device.
 
     Returns:
-      The param tree (see `bita_jax.llama`), per-layer tensors stacked on a leading L axis.
+      The param tree (see `bita_jax.llama`): per-layer tensors stacked on a leading L axis, or
+      under `layers_{i}` when `config.scan_layers` is False.
     """
     shapes = nn.unbox(abstract_params(config))
     dtype = np.dtype(ml_dtypes.bfloat16) if config.dtype == "bfloat16" else np.dtype(config.dtype)

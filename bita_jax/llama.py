@@ -64,8 +64,9 @@ class Attention(nn.Module):
             prefix = (pk, pv, prefix_visible)
         with jax.named_scope("attn"):
             out = attend(q, blocks, prefix)  # [B, T, K, G, H]
-        out = out.reshape(*out.shape[:2], c.num_heads, c.head_dim)
-        return jnp.einsum("btnh,nhd->btd", out, wo), (k, v)
+        # One contraction over N*H: with two contracting dims XLA:CPU transposes wo every step.
+        out = out.reshape(*out.shape[:2], c.num_heads * c.head_dim)
+        return jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size)), (k, v)
 
 
 class MLP(nn.Module):
@@ -121,14 +122,20 @@ class LlamaModel(nn.Module):
         dt = jnp.dtype(c.dtype)
         self.embed_tokens = _weight(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         block = nn.remat(Block, prevent_cse=False) if c.remat else Block
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        if c.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c)
+        else:
+            # Params "layers_0" ... "layers_{L-1}": each layer's weights are separate arrays, so
+            # a decode step reads them in place. Slicing a stacked [L, ...] weight inside the
+            # scan makes XLA:CPU copy the whole layer's weights every step.
+            self.layers = [block(c) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dt, dt)
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -178,10 +185,22 @@ class LlamaModel(nn.Module):
             layer_prefix = (adapter["prefix_keys"], adapter["prefix_values"])
             if prefix_visible is None:
                 raise ValueError("prefix_visible is required when an adapter is given")
-        x, new_kv = self.layers(
-            x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible
-        )
+        broadcast = (positions, self_mask, cache_mask, prefix_visible)
+        if self.config.scan_layers:
+            x, new_kv = self.layers(x, layer_cache, layer_prefix, *broadcast)
+        else:
+            x, new_kv = self._unrolled_layers(x, layer_cache, layer_prefix, broadcast)
         return self.norm(x), new_kv
+
+    def _unrolled_layers(self, x, layer_cache, layer_prefix, broadcast):
+        """The scan's computation as a Python loop; per-layer inputs are sliced off their L axis."""
+        layer = lambda pair, i: None if pair is None else (pair[0][i], pair[1][i])  # noqa: E731
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            x, (k, v) = block(x, layer(layer_cache, i), layer(layer_prefix, i), *broadcast)
+            new_k.append(k)
+            new_v.append(v)
+        return x, (jnp.stack(new_k), jnp.stack(new_v))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] -> [..., V] float32 logits."""

@@ -44,6 +44,19 @@ def test_round_trip_gives_identical_tensors(tiny_checkpoints, tmp_path, variant)
         assert hf_io.load_config(str(tmp_path / out)) == config
 
 
+def test_unrolled_layers_hold_the_stacked_slices(tiny_checkpoint, tmp_path):
+    stacked = hf_io.load_params(tiny_checkpoint, hf_io.load_config(tiny_checkpoint))
+    config = hf_io.load_config(tiny_checkpoint, scan_layers=False)
+    unrolled = hf_io.load_params(tiny_checkpoint, config)
+    assert "layers" not in unrolled and f"layers_{config.num_layers - 1}" in unrolled
+    for i in range(config.num_layers):
+        layer = jax.tree.map(lambda x, i=i: x[i], stacked["layers"])
+        for a, b in zip(jax.tree.leaves(layer), jax.tree.leaves(unrolled[f"layers_{i}"]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hf_io.save_params(unrolled, config, str(tmp_path / "out"))
+    assert_same_state(torch_state(tiny_checkpoint), torch_state(str(tmp_path / "out")))
+
+
 def test_sharded_bf16_checkpoint_round_trip(tiny_checkpoint, tmp_path):
     model = LlamaForCausalLM.from_pretrained(tiny_checkpoint).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")

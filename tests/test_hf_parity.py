@@ -28,10 +28,11 @@ def full_logits(model: LlamaModel, params, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(forward(params, jnp.asarray(tokens)))
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_logits_match_torch(tiny_checkpoints, variant):
+def test_logits_match_torch(tiny_checkpoints, variant, scan_layers):
     path = tiny_checkpoints[variant]
-    config = hf_io.load_config(path)
+    config = hf_io.load_config(path, scan_layers=scan_layers)
     params = hf_io.load_params(path, config)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 40))
     with torch.no_grad():
@@ -39,10 +40,11 @@ def test_logits_match_torch(tiny_checkpoints, variant):
     np.testing.assert_allclose(full_logits(LlamaModel(config), params, tokens), expected, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("variant", ["llama3", "linear_tied"])
-def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant):
+def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant, scan_layers):
     path = tiny_checkpoints[variant]
-    config = hf_io.load_config(path)
+    config = hf_io.load_config(path, scan_layers=scan_layers)
     params = hf_io.load_params(path, config)
     model = LlamaModel(config)
     rng = np.random.RandomState(1)

@@ -1,4 +1,4 @@
-"""LLaMA in Flax Linen, pure-functional, with scanned layers and an explicit KV cache.
+"""LLaMA in Flax Linen, pure-functional, with scanned or unrolled layers and an explicit KV cache.
 
 The model never owns state: params come in, hidden states and the step's new keys/values come out.
 The caller supplies the attention mask between the step's own tokens; committed tokens in the cache

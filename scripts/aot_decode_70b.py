@@ -1,7 +1,7 @@
 """LLaMA-2-70B decode steps (BiTA tree step and AR step) compiled ahead of time on fake CPU devices.
 
   python scripts/aot_decode_70b.py [--devices 8] [--mesh data=1,fsdp=1,tensor=8] [--batch-sizes 1,8]
-      [--cache 4096] [--tree upper:5]
+      [--cache 4096] [--tree upper:5] [--scan-layers]
 
 No weights: params, adapter, cache and inputs are abstract `jax.ShapeDtypeStruct`s carrying their
 shardings from the logical-axis rules. The steps are the jitted ones decoding uses (cache donated),
@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--cache", type=int, default=4096, help="KV cache slots per row")
     parser.add_argument("--tree", default="upper:5")
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="scanned layers (default: unrolled, as decode.py)"
+    )
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -45,7 +48,7 @@ def main() -> None:
     from scripts.aot_train_memory import LLAMA2_70B
 
     mesh = make_mesh(MeshConfig.parse(args.mesh))
-    config = ModelConfig.from_hf_config(LLAMA2_70B, dtype="bfloat16")
+    config = ModelConfig.from_hf_config(LLAMA2_70B, dtype="bfloat16", scan_layers=args.scan_layers)
     bita_cfg = BiTAConfig(num_prompt_tokens=16, num_mask_tokens=4)  # the reference's 70B setting
     tree = parse_tree(args.tree, bita_cfg.num_mask_tokens)
     boxed = abstract_params(config)

@@ -61,6 +61,9 @@ def test_greedy_ids_equal_transformers(tiny_checkpoints, tmp_path, variant):
             assert record["prompt_ids"] == tokenizer(text)["input_ids"]
             assert record["new_tokens"] == len(record["output_ids"]) == record["steps"]
             assert record["completion"] == tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+    # Decoding unrolls the layers by default; scanned layers must give the same ids.
+    scanned = run_decode(path, tmp_path / "scan.jsonl", "--batch-size", "4", "--scan-layers")
+    assert [r["output_ids"] for r in scanned] == expected
 
 
 def test_rows_stop_at_eos(tiny_checkpoint, tmp_path):

@@ -88,7 +88,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; called by `nn.scan` with (carry, per-layer inputs, broadcast inputs)."""
+    """One decoder layer, called with (carry, per-layer inputs, broadcast inputs) by `nn.scan` or the loop."""
 
     config: ModelConfig
 

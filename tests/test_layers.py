@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from bita_jax.config import ModelConfig
 from bita_jax.layers import RMSNorm, apply_rope, rope_inv_freq
 from tests.conftest import VARIANTS
+from tests.tiny_checkpoint import TINY_LLAMA
 
 TOL = 1e-5
 
@@ -28,14 +29,7 @@ def test_rmsnorm_matches_hf():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_rope_matches_hf(variant):
-    kw = dict(
-        vocab_size=320,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    hf = LlamaConfig(**{**kw, **VARIANTS[variant]})
+    hf = LlamaConfig(**{**TINY_LLAMA, **VARIANTS[variant]})
     config = ModelConfig.from_hf_config(hf.to_dict())
     assert config.rope_type == hf.rope_parameters["rope_type"]
     rng = np.random.RandomState(1)

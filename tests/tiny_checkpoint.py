@@ -42,23 +42,26 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
+# LlamaConfig kwargs of the tests' tiny model: 2 layers, width 64, GQA 4/2 heads, vocab 320.
+TINY_LLAMA = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
+
+
 def make_tiny_checkpoint(path: str, seed: int = 0, **overrides) -> str:
-    """Saves a random tiny LLaMA (2 layers, width 64, GQA 4/2 heads, vocab 320) to `path`."""
+    """Saves a random tiny LLaMA (`TINY_LLAMA` plus overrides) to `path`."""
     torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
+    kw = {**TINY_LLAMA, **overrides}
     model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
     model.save_pretrained(path)
     make_tokenizer(kw["vocab_size"]).save_pretrained(path)

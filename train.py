@@ -1,93 +1,12 @@
-"""Trains a BiTA adapter (prompt prefix + mask tokens) on a frozen LLaMA checkpoint.
+"""Trains a BiTA adapter on a frozen LLaMA checkpoint; `python train.py --help` for options.
 
-  python train.py --model DIR --data data.jsonl --output runs/x --steps 200
-  python train.py --config configs/llama2_7b_chat.yaml --model DIR --data data.jsonl --output runs/7b \
-      --mesh data=1,fsdp=8,tensor=1 --set optimizer.grad_accum=4
-
-Flags override the YAML, `--set key=value` overrides both. Running again with the same --output
-resumes from the last checkpoint (a larger --steps continues training). Multi-host: pass
---distributed (TPU pods / managed clusters detect the rest) or --coordinator/--num-processes/
---process-id on every host.
+The command line lives in bita_jax/cli/train.py; the training loop in bita_jax/training/.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
 from bita_jax.cli import run_main
-from bita_jax.config import (
-    ConfigError,
-    MeshConfig,
-    TrainConfig,
-    apply_overrides,
-    from_dict,
-    load_yaml,
-    to_dict,
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML with TrainConfig fields (configs/*.yaml)")
-    parser.add_argument("--model", help="Hugging Face LlamaForCausalLM checkpoint directory")
-    parser.add_argument("--data", help="decode.py jsonl, a local datasets file/directory or a hub dataset")
-    parser.add_argument("--output", help="run directory: checkpoints, metrics.jsonl, adapter/")
-    parser.add_argument("--steps", type=int, help="optimizer steps in total (default: data.epochs passes)")
-    parser.add_argument("--batch-size", type=int, help="global sequences per optimizer step")
-    parser.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = remaining devices)")
-    parser.add_argument("--chat", action="store_true", help="text records: wrap prompts in the chat template")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
-    parser.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed auto-detect")
-    parser.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
-    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    return parser
-
-
-def build_config(args: argparse.Namespace) -> TrainConfig:
-    """YAML (optional) <- command-line flags <- --set overrides."""
-    values = load_yaml(args.config) if args.config else {}
-    flags = {
-        "model": args.model,
-        "output": args.output,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "data.path": args.data,
-        "data.chat": True if args.chat else None,
-    }
-    values = apply_overrides(values, [f"{k}={v}" for k, v in flags.items() if v is not None])
-    if args.mesh:
-        values["mesh"] = to_dict(MeshConfig.parse(args.mesh))
-    return from_dict(TrainConfig, apply_overrides(values, args.set), "train")
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-host job before any device is used (no-op for a single process)."""
-    import jax
-
-    if args.coordinator or args.num_processes or args.process_id is not None:
-        if not (args.coordinator and args.num_processes and args.process_id is not None):
-            raise ConfigError("multi-host needs all of --coordinator, --num-processes and --process-id")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = build_config(args)
-    init_distributed(args)
-    from bita_jax import training
-
-    last = training.run(cfg)
-    print(
-        f"step {last['step']}: loss {last.get('loss', float('nan')):.4f} mask_acc {last.get('mask_acc')}; "
-        f"adapter in {cfg.output}/{training.ADAPTER_DIR}",
-        file=sys.stderr,
-    )
-    return 0
-
+from bita_jax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

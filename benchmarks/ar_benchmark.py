@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bita_jax import decoding, hf_io
-from bita_jax.generation_io import CompiledByShape
+from bita_jax.decoding import loop as decoding
+from bita_jax.decoding import runner
+from bita_jax.decoding.runner import CompiledByShape
+from bita_jax.io import hf
 
 MODEL = dict(
     vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -55,14 +57,14 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(path: str, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    config = hf_io.load_config(path, scan_layers=decoding.SCAN_LAYERS)
-    params = hf_io.load_params(path, config)
+    config = hf.load_config(path, scan_layers=decoding.SCAN_LAYERS)
+    params = hf.load_params(path, config)
     generate = CompiledByShape(decoding.make_ar_generate(config, new_tokens))
-    tokens, lens = decoding.pad_batch([list(p) for p in prompts], len(prompts), config.pad_id)
-    generate.prepare(params, tokens, lens)
+    batch = runner.pad_batch([list(p) for p in prompts], 0, len(prompts), config.pad_id)
+    generate.prepare(params, *batch)
 
     def run():
-        state = jax.block_until_ready(generate(params, tokens, lens))
+        state = jax.block_until_ready(generate(params, *batch))
         return jax.device_get((state.output, state.num_generated))
 
     seconds, (output, num) = best_of(run, repeats)

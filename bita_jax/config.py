@@ -15,13 +15,11 @@ from typing import Any
 
 import yaml
 
+from bita_jax.errors import ConfigError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A configuration problem that is reported to the user as one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,20 +224,25 @@ def to_dict(obj) -> dict[str, Any]:
     return plain(dataclasses.asdict(obj))
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Sets `a.b.c` = value in a nested dict, creating sections on the way."""
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"bad override {key}: {p} is not a section")
+    node[leaf] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Applies `a.b=c` overrides (values parsed as YAML scalars) to a nested dict copy."""
+    """Applies `a.b=c` text overrides (values parsed as YAML scalars) to a nested dict copy."""
     data = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"bad override {item!r}: expected key=value")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"bad override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        set_dotted(data, key, yaml.safe_load(raw))
     return data
 
 

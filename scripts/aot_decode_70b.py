@@ -38,13 +38,14 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from bita_jax import bita, decoding
-    from bita_jax.checkpoint import abstract_like
+    from bita_jax.bita import adapter as bita_adapter
+    from bita_jax.bita.tree import parse_tree
     from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
-    from bita_jax.kv_cache import CACHE_AXES, KVCache
-    from bita_jax.llama import abstract_params
+    from bita_jax.decoding import loop as decoding
+    from bita_jax.decoding.cache import CACHE_AXES, KVCache
+    from bita_jax.io.orbax_checkpoint import abstract_like
+    from bita_jax.models.llama import abstract_params
     from bita_jax.sharding import logical_sharding, make_mesh, mesh_rules, tree_shardings
-    from bita_jax.tree import parse_tree
     from scripts.aot_train_memory import LLAMA2_70B
 
     mesh = make_mesh(MeshConfig.parse(args.mesh))
@@ -53,10 +54,9 @@ def main() -> None:
     tree = parse_tree(args.tree, bita_cfg.num_mask_tokens)
     boxed = abstract_params(config)
     params = abstract_like(nn.unbox(boxed), tree_shardings(boxed, mesh))
-    adapter = {
-        name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=logical_sharding(bita.ADAPTER_AXES[name], mesh))
-        for name, x in bita.abstract_adapter(config, bita_cfg).items()
-    }
+    adapter = abstract_like(
+        bita_adapter.abstract_adapter(config, bita_cfg), bita_adapter.adapter_shardings(mesh)
+    )
     gib = 1024**3
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / gib
     print(
@@ -81,8 +81,11 @@ def main() -> None:
             sharding=logical_sharding(("batch", None, None), mesh),
         )
         steps = {
-            "ar": (decoding.make_ar_step(config), (params, cache, pending)),
-            "bita": (decoding.make_bita_step(config, tree), (params, adapter, cache, pending, drafts)),
+            "ar": (decoding.make_ar_step(config), (params, cache, pending, pending)),
+            "bita": (
+                decoding.make_bita_step(config, tree),
+                (params, adapter, cache, pending, drafts, pending),
+            ),
         }
         for name, (step, step_args) in steps.items():
             start = time.perf_counter()

@@ -75,12 +75,14 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from bita_jax import bita, training
-    from bita_jax.checkpoint import abstract_like
+    from bita_jax.bita import adapter as bita_adapter
     from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, OptimizerConfig
-    from bita_jax.data import BATCH_FIELDS
-    from bita_jax.llama import abstract_params
+    from bita_jax.io.orbax_checkpoint import abstract_like
+    from bita_jax.models.llama import abstract_params
     from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+    from bita_jax.training import optimizer
+    from bita_jax.training import step as train_step
+    from bita_jax.training.data import BATCH_FIELDS
 
     gib = 1024**3
     print(
@@ -94,10 +96,10 @@ def main() -> None:
         mesh = make_mesh(mesh_cfg, jax.devices()[:n])
         model_cfg = ModelConfig.from_hf_config(hf, dtype="bfloat16", remat=True)
         bita_cfg = BiTAConfig(num_prompt_tokens=16, num_mask_tokens=num_masks)
-        optimizer, schedule = training.make_optimizer(OptimizerConfig(), 1000)
-        adapter = bita.abstract_adapter(model_cfg, bita_cfg)
-        sh = training.step_shardings(model_cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
-        state = training.TrainState(
+        optimizer, schedule = optimizer.make_optimizer(OptimizerConfig(), 1000)
+        adapter = bita_adapter.abstract_adapter(model_cfg, bita_cfg)
+        sh = train_step.step_shardings(model_cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
+        state = train_step.TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.state.step),
             adapter=abstract_like(adapter, sh.state.adapter),
             opt_state=abstract_like(jax.eval_shape(optimizer.init, adapter), sh.state.opt_state),
@@ -108,7 +110,7 @@ def main() -> None:
             k: jax.ShapeDtypeStruct((1, batch_size, args.seq), jnp.int32, sharding=sh.batch)
             for k in BATCH_FIELDS
         }
-        step = training.make_train_step(model_cfg, bita_cfg, optimizer, schedule, 64 * num_masks, 0, sh)
+        step = train_step.make_train_step(model_cfg, bita_cfg, optimizer, schedule, 64 * num_masks, 0, sh)
         start = time.perf_counter()
         compiled = step.lower(state, base, batch).compile()
         seconds = time.perf_counter() - start

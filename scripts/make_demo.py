@@ -164,9 +164,10 @@ def pretrain_base(args, tokenizer, train: dict[str, str], held: dict[str, str], 
     """Pretrains the base model, saves it in HF format (with the tokenizer) and returns its metrics."""
     import jax
 
-    from bita_jax import hf_io, pretrain
     from bita_jax.config import OptimizerConfig
-    from bita_jax.llama import init_params
+    from bita_jax.io import hf
+    from bita_jax.models.llama import init_params
+    from bita_jax.training import pretrain
 
     eos = SPECIALS.index("</s>")
     encode = lambda texts: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts)]  # noqa: E731
@@ -197,7 +198,7 @@ def pretrain_base(args, tokenizer, train: dict[str, str], held: dict[str, str], 
         eval_windows=eval_windows,
         metrics_path=os.path.join(args.work, "pretrain_metrics.jsonl"),
     )
-    hf_io.save_params(params, config, out_dir)
+    hf.save_params(params, config, out_dir)
     tokenizer.save_pretrained(out_dir)
     check_against_transformers(out_dir, config, params, list(held.values())[0])
     return {
@@ -217,7 +218,7 @@ def check_against_transformers(model_dir: str, config, params, text: str) -> Non
     except ImportError:
         print("note: torch is not installed; skipped the transformers logit check", file=sys.stderr)
         return
-    from bita_jax.llama import LlamaModel, causal_mask
+    from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
     ids = AutoTokenizer.from_pretrained(model_dir)(text[:400])["input_ids"]
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -225,7 +226,7 @@ def check_against_transformers(model_dir: str, config, params, text: str) -> Non
         theirs = hf(torch.tensor([ids])).logits[0].numpy()
     model = LlamaModel(config)
     tokens = np.asarray([ids], np.int32)
-    hidden, _ = model.apply({"params": params}, tokens, np.arange(len(ids))[None], causal_mask(1, len(ids)))
+    hidden, _ = forward(model, params, tokens, np.arange(len(ids))[None], causal_mask(1, len(ids)))
     ours = np.asarray(model.apply({"params": params}, hidden, method="logits"))[0]
     diff = float(np.abs(ours - theirs).max())
     print(f"transformers check: max |logit difference| {diff:.2e} over {len(ids)} tokens", file=sys.stderr)

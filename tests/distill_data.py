@@ -1,4 +1,4 @@
-"""Self-distillation data for training tests: decode.py's greedy AR output on a tiny checkpoint."""
+"""Self-distillation data for training tests: decode.py's greedy AR output on a tiny orbax_checkpoint."""
 
 import json
 import random

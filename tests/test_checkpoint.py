@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import train
-from bita_jax import checkpoint, training
-from bita_jax.adapter_io import load_adapter
 from bita_jax.cli import run_main
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, ModelConfig, TrainConfig
+from bita_jax.io import orbax_checkpoint
+from bita_jax.io.adapter_files import load_adapter
+from bita_jax.training import loop as train_loop
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ class Interrupted(Exception):
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_params(tiny_checkpoint, ids_data, tmp_path, monkeypatch):
     model_cfg = ModelConfig.from_pretrained(tiny_checkpoint)
-    training.run(config(tiny_checkpoint, ids_data, str(tmp_path / "clean"), 6))
+    train_loop.run(config(tiny_checkpoint, ids_data, str(tmp_path / "clean"), 6))
     _, clean = load_adapter(str(tmp_path / "clean" / "adapter"), model_cfg)
 
-    save = checkpoint.save
+    save = orbax_checkpoint.save
 
     def save_then_die(mngr, step, state, position):
         save(mngr, step, state, position)
@@ -63,12 +64,12 @@ def test_interrupted_run_resumes_to_the_same_params(tiny_checkpoint, ids_data, t
             mngr.wait_until_finished()
             raise Interrupted  # the process dies right after the step-4 checkpoint
 
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr(orbax_checkpoint, "save", save_then_die)
     out = str(tmp_path / "resumed")
     with pytest.raises(Interrupted):
-        training.run(config(tiny_checkpoint, ids_data, out, 6))
-    monkeypatch.setattr(checkpoint, "save", save)
-    last = training.run(config(tiny_checkpoint, ids_data, out, 6))
+        train_loop.run(config(tiny_checkpoint, ids_data, out, 6))
+    monkeypatch.setattr(orbax_checkpoint, "save", save)
+    last = train_loop.run(config(tiny_checkpoint, ids_data, out, 6))
     assert last["step"] == 6
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 5, nothing repeated or skipped
@@ -76,9 +77,9 @@ def test_interrupted_run_resumes_to_the_same_params(tiny_checkpoint, ids_data, t
     for name in clean:
         np.testing.assert_array_equal(resumed[name], clean[name])
 
-    # A larger --steps continues from the last checkpoint.
-    assert training.run(config(tiny_checkpoint, ids_data, out, 8))["step"] == 8
-    assert checkpoint.manager(out + "/checkpoints", 2).latest_step() == 8
+    # A larger --steps continues from the last orbax_checkpoint.
+    assert train_loop.run(config(tiny_checkpoint, ids_data, out, 8))["step"] == 8
+    assert orbax_checkpoint.manager(out + "/checkpoints", 2).latest_step() == 8
 
 
 def error_of(capsys, argv):

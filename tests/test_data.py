@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from bita_jax import data
+from bita_jax.bita import training_mask
 from bita_jax.cli import UserError
 from bita_jax.config import DataConfig
+from bita_jax.training import data
 
 V, M = 100, 2
 
@@ -33,7 +34,7 @@ def test_sequence_matches_method_tables():
     example = data.Example(source=(1, 11, 12), target=(20, 21, 22, 23, 9))
     offsets = data.group_offsets(5, M, max_groups=64, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(offsets, [0, 1, 2])
-    seq = data.build_sequence(example, offsets, V, M)
+    seq = training_mask.build_sequence(example.source, example.target, offsets, V, M)
     # input = source ++ target[:s_last=2] ++ 3 groups of [V, V+1]
     np.testing.assert_array_equal(seq["tokens"], [1, 11, 12, 20, 21, V, V + 1, V, V + 1, V, V + 1])
     np.testing.assert_array_equal(seq["group"], [-1] * 5 + [0, 0, 1, 1, 2, 2])
@@ -42,7 +43,9 @@ def test_sequence_matches_method_tables():
     # mask k of group j -> target[s_j + 1 + k]
     np.testing.assert_array_equal(seq["labels"], [-100] * 5 + [21, 22, 22, 23, 23, 9])
     np.testing.assert_array_equal(seq["visible_end"], [1, 2, 3, 4, 5, 3, 3, 4, 4, 5, 5])
-    mask = np.asarray(data.attention_mask(*(seq[k][None] for k in ("group", "visible_end", "positions"))))[0]
+    mask = np.asarray(
+        training_mask.attention_mask(*(seq[k][None] for k in ("group", "visible_end", "positions")))
+    )[0]
     np.testing.assert_array_equal(mask, rule_mask(seq))
     # Spot checks straight from the table: group 1 (s_1 = 1) sees source + target[:1] and its own masks.
     row = 7  # mask 0 of group 1
@@ -55,11 +58,13 @@ def test_window_of_g_groups_and_padding():
     example = data.Example(source=(1, 2), target=tuple(range(30, 50)) + (9,))  # T = 21
     offsets = data.group_offsets(21, M, max_groups=4, rng=np.random.default_rng(5))
     assert len(offsets) == 4 and np.all(np.diff(offsets) == 1) and 0 <= offsets[0] <= 21 - M - 4
-    seq = data.build_sequence(example, offsets, V, M)
+    seq = training_mask.build_sequence(example.source, example.target, offsets, V, M)
     assert len(seq["tokens"]) == 2 + offsets[-1] + 4 * M
     batch = data.collate([seq], 40, pad_id=9)
     padded = {k: v[0] for k, v in batch.items()}
-    mask = np.asarray(data.attention_mask(*(batch[k] for k in ("group", "visible_end", "positions"))))[0]
+    mask = np.asarray(
+        training_mask.attention_mask(*(batch[k] for k in ("group", "visible_end", "positions")))
+    )[0]
     np.testing.assert_array_equal(mask, rule_mask(padded))
     n = len(seq["tokens"])
     assert (padded["labels"][n:] == -100).all() and not mask[:n, n:].any()  # padding is invisible

@@ -8,9 +8,11 @@ import jax
 import pytest
 
 import decode
-from bita_jax import adapter_io, bita, hf_io, training
+from bita_jax.bita import adapter as bita_adapter
 from bita_jax.cli import run_main
 from bita_jax.config import BiTAConfig, DataConfig, TrainConfig
+from bita_jax.io import adapter_files, hf
+from bita_jax.training import loop as train_loop
 from tests.distill_data import make_distill_data
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
@@ -36,8 +38,8 @@ def trained(tmp_path_factory):
         bita=BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0),
         data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
     )
-    training.run(cfg)
-    return model_dir, os.path.join(cfg.output, training.ADAPTER_DIR)
+    train_loop.run(cfg)
+    return model_dir, os.path.join(cfg.output, train_loop.ADAPTER_DIR)
 
 
 def run_decode(model_dir, out_file, *extra):
@@ -94,10 +96,13 @@ def test_bita_cli_tensor_parallel(trained, tmp_path):
     ],
 )
 def test_bita_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
-    config = hf_io.load_config(tiny_checkpoint)
+    config = hf.load_config(tiny_checkpoint)
     adapter_dir = str(tmp_path / "adapter")
-    adapter_io.save_adapter(
-        adapter_dir, bita.init_adapter(config, BiTAConfig(), jax.random.key(0)), BiTAConfig(), tiny_checkpoint
+    adapter_files.save_adapter(
+        adapter_dir,
+        bita_adapter.init_adapter(config, BiTAConfig(), jax.random.key(0)),
+        BiTAConfig(),
+        tiny_checkpoint,
     )
     extra = [adapter_dir if x == "ADAPTER" else x for x in extra]
     argv = ["--model", tiny_checkpoint, "--prompt", "x", "--max-new-tokens", "4", *extra]

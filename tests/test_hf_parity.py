@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bita_jax import decoding, hf_io
-from bita_jax.kv_cache import KVCache
-from bita_jax.llama import LlamaModel, causal_mask
+from bita_jax.decoding import loop as decoding
+from bita_jax.decoding import runner
+from bita_jax.decoding.cache import KVCache
+from bita_jax.io import hf
+from bita_jax.models.llama import LlamaModel, causal_mask, forward
 from tests.conftest import VARIANTS
 
 TOL = 1e-4
@@ -19,21 +21,21 @@ def full_logits(model: LlamaModel, params, tokens: np.ndarray) -> np.ndarray:
     """[B, T] -> [B, T, V] float32 logits of one causal forward."""
 
     @jax.jit
-    def forward(params, tokens):
+    def full(params, tokens):
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        hidden, _ = model.apply({"params": params}, tokens, positions, causal_mask(batch, length))
+        hidden, _ = forward(model, params, tokens, positions, causal_mask(batch, length))
         return model.apply({"params": params}, hidden, method="logits")
 
-    return np.asarray(forward(params, jnp.asarray(tokens)))
+    return np.asarray(full(params, jnp.asarray(tokens)))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_match_torch(tiny_checkpoints, variant, scan_layers):
     path = tiny_checkpoints[variant]
-    config = hf_io.load_config(path, scan_layers=scan_layers)
-    params = hf_io.load_params(path, config)
+    config = hf.load_config(path, scan_layers=scan_layers)
+    params = hf.load_params(path, config)
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, (2, 40))
     with torch.no_grad():
         expected = LlamaForCausalLM.from_pretrained(path).eval()(torch.from_numpy(tokens)).logits.numpy()
@@ -44,16 +46,16 @@ def test_logits_match_torch(tiny_checkpoints, variant, scan_layers):
 @pytest.mark.parametrize("variant", ["llama3", "linear_tied"])
 def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant, scan_layers):
     path = tiny_checkpoints[variant]
-    config = hf_io.load_config(path, scan_layers=scan_layers)
-    params = hf_io.load_params(path, config)
+    config = hf.load_config(path, scan_layers=scan_layers)
+    params = hf.load_params(path, config)
     model = LlamaModel(config)
     rng = np.random.RandomState(1)
     prompt_lens = np.array([5, 11], np.int32)
     steps = 6
     sequences = rng.randint(3, config.vocab_size, (2, 11 + steps))  # [B, T]
     # Row b's step s feeds token prompt_lens[b] - 1 + s and must give that position's logits.
-    tokens, lens = decoding.pad_batch(
-        [list(s[:n]) for s, n in zip(sequences, prompt_lens, strict=True)], 2, config.pad_id
+    tokens, lens, _ = runner.pad_batch(
+        [list(s[:n]) for s, n in zip(sequences, prompt_lens, strict=True)], 0, 2, config.pad_id
     )
     prefill = jax.jit(lambda p, t, n: decoding.prefill(model, p, t, n, KVCache.init(config, 2, 64)))
     cache = prefill(params, tokens, lens)
@@ -62,15 +64,12 @@ def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant, 
 
     @jax.jit
     def step(params, cache, pending):
-        hidden, (k, v) = model.apply(
-            {"params": params},
-            pending[:, None],
-            cache.length[:, None],
-            jnp.ones((2, 1, 1), bool),
-            cache=cache,
-        )
+        hidden, (k, v) = forward(
+            model, params, pending[:, None], cache.length[:, None], jnp.ones((2, 1, 1), bool),
+            **cache.model_inputs(1),
+        )  # fmt: skip
         logits = model.apply({"params": params}, hidden[:, 0], method="logits")
-        return logits, cache.write(k, v).advance(jnp.ones((2,), jnp.int32))
+        return logits, cache.commit(k, v, jnp.ones((2,), jnp.int32))
 
     rows = np.arange(2)
     for s in range(steps):

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from bita_jax.config import ModelConfig
-from bita_jax.layers import RMSNorm, apply_rope, rope_inv_freq
+from bita_jax.models.layers import RMSNorm, apply_rope, rope_inv_freq
 from tests.conftest import VARIANTS
 from tests.tiny_checkpoint import TINY_LLAMA
 

@@ -5,37 +5,42 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, data, hf_io, training
+from bita_jax.bita import adapter as bita_adapter
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig
+from bita_jax.io import hf
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+from bita_jax.training import data
+from bita_jax.training import loop as train_loop
+from bita_jax.training import step as train_step
+from bita_jax.training.optimizer import make_optimizer
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.1)
 
 
 def run_steps(model_dir, mesh, batches, num_steps=2):
-    cfg = hf_io.load_config(model_dir)
-    optimizer, schedule = training.make_optimizer(OptimizerConfig(grad_accum=2), 10)
-    adapter = bita.init_adapter(cfg, BITA, jax.random.key(0))
-    sh = training.step_shardings(cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
-    params = hf_io.load_params(model_dir, cfg, sh.base)
+    cfg = hf.load_config(model_dir)
+    optimizer, schedule = make_optimizer(OptimizerConfig(grad_accum=2), 10)
+    adapter = bita_adapter.init_adapter(cfg, BITA, jax.random.key(0))
+    sh = train_step.step_shardings(cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
+    params = hf.load_params(model_dir, cfg, sh.base)
     adapter = jax.device_put(adapter, sh.state.adapter)
-    state = training.TrainState(
+    state = train_step.TrainState(
         jax.device_put(jnp.zeros((), jnp.int32), sh.state.step),
         adapter,
         jax.jit(optimizer.init, out_shardings=sh.state.opt_state)(adapter),
     )
-    step = training.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, 0, sh)
-    program = step.lower(state, params, training.global_batch(batches[0], 2, sh.batch)).as_text()
+    step = train_step.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, 0, sh)
+    program = step.lower(state, params, train_loop.global_batch(batches[0], 2, sh.batch)).as_text()
     metrics = []
     for b in batches[:num_steps]:
-        state, m = step(state, params, training.global_batch(b, 2, sh.batch))
+        state, m = step(state, params, train_loop.global_batch(b, 2, sh.batch))
         metrics.append(jax.device_get(m))
     return state, metrics, program
 
 
 @pytest.mark.slow
 def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
-    cfg = hf_io.load_config(tiny_checkpoint)
+    cfg = hf.load_config(tiny_checkpoint)
     rng = np.random.default_rng(0)
     examples = [
         data.Example(tuple(rng.integers(3, 300, 5)), tuple(rng.integers(3, 300, n)) + (2,))

@@ -11,11 +11,19 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bita_jax import adapter_io, bita, data, decoding, hf_io, pretrain, training
+from bita_jax.bita import adapter as bita_adapter
+from bita_jax.bita import training_mask
+from bita_jax.bita.tree import DEFAULT_TREE, parse_tree
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
-from bita_jax.llama import LlamaModel
+from bita_jax.decoding import loop as decoding
+from bita_jax.decoding import runner
+from bita_jax.io import adapter_files, hf
+from bita_jax.models.llama import LlamaModel, forward
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
-from bita_jax.tree import DEFAULT_TREE, parse_tree
+from bita_jax.training import data, pretrain
+from bita_jax.training import loop as train_loop
+from bita_jax.training import step as train_step
+from bita_jax.training.optimizer import make_optimizer
 from tests.distill_data import make_distill_data
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
@@ -34,6 +42,11 @@ def distilled(tmp_path_factory):
     )
 
 
+def generate_all(jitted, weights, prompts, batch_size, pad_id):
+    """Generations of a jitted generate function over all prompts, in input order."""
+    return runner.generate(runner.CompiledByShape(jitted), weights, prompts, batch_size, pad_id)[0]
+
+
 def one_batch(model_dir, data_path, cfg, batch=4, length=128):
     examples = data.read_examples(DataConfig(path=data_path), model_dir, cfg.eos_token_ids[0])
     stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
@@ -42,20 +55,17 @@ def one_batch(model_dir, data_path, cfg, batch=4, length=128):
 
 def test_normal_rows_are_the_base_model(distilled):
     model_dir, data_path = distilled
-    cfg = hf_io.load_config(model_dir)
-    params = hf_io.load_params(model_dir, cfg)
+    cfg = hf.load_config(model_dir)
+    params = hf.load_params(model_dir, cfg)
     b = one_batch(model_dir, data_path, cfg)
     model = LlamaModel(cfg)
-    mask = data.attention_mask(b["group"], b["visible_end"], b["positions"])
-    adapter = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(1))
-    with_adapter, _ = model.apply(
-        {"params": params}, b["tokens"], b["positions"], mask, adapter=adapter, prefix_visible=b["group"] >= 0
-    )
-    other = bita.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(2))
-    with_other, _ = model.apply(
-        {"params": params}, b["tokens"], b["positions"], mask, adapter=other, prefix_visible=b["group"] >= 0
-    )
-    without, _ = model.apply({"params": params}, b["tokens"], b["positions"], mask)
+    mask = training_mask.attention_mask(b["group"], b["visible_end"], b["positions"])
+    adapter = bita_adapter.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(1))
+    rows = (b["tokens"], b["positions"], mask)
+    with_adapter, _ = bita_adapter.forward(model, params, adapter, *rows, b["group"] >= 0)
+    other = bita_adapter.init_adapter(cfg, dataclasses.replace(BITA, init_std=1.0), jax.random.key(2))
+    with_other, _ = bita_adapter.forward(model, params, other, *rows, b["group"] >= 0)
+    without, _ = forward(model, params, *rows)
     normal = b["group"] < 0
     # Same program, different adapters: normal rows are bit-identical (nothing leaks into them).
     np.testing.assert_array_equal(np.asarray(with_adapter)[normal], np.asarray(with_other)[normal])
@@ -76,26 +86,26 @@ def test_normal_rows_are_the_base_model(distilled):
 
 def make_step(cfg, accum_shape, mesh, seed=0):
     opt = OptimizerConfig(grad_accum=accum_shape)
-    optimizer, schedule = training.make_optimizer(opt, 10)
-    adapter = bita.init_adapter(cfg, BITA, jax.random.key(seed))
-    sh = training.step_shardings(cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
+    optimizer, schedule = make_optimizer(opt, 10)
+    adapter = bita_adapter.init_adapter(cfg, BITA, jax.random.key(seed))
+    sh = train_step.step_shardings(cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
     adapter = jax.device_put(adapter, sh.state.adapter)
-    state = training.TrainState(jnp.zeros((), jnp.int32), adapter, jax.jit(optimizer.init)(adapter))
+    state = train_step.TrainState(jnp.zeros((), jnp.int32), adapter, jax.jit(optimizer.init)(adapter))
     state = jax.device_put(state, sh.state)
-    step = training.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, seed, sh)
+    step = train_step.make_train_step(cfg, BITA, optimizer, schedule, 8 * 3, seed, sh)
     return state, step, sh
 
 
 def test_grad_accumulation_is_exact(distilled):
     model_dir, data_path = distilled
-    cfg = hf_io.load_config(model_dir)
-    params = hf_io.load_params(model_dir, cfg)
+    cfg = hf.load_config(model_dir)
+    params = hf.load_params(model_dir, cfg)
     b = one_batch(model_dir, data_path, cfg)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     results = []
     for accum in (1, 2):
         state, step, sh = make_step(cfg, accum, mesh)
-        batch = training.global_batch(b, accum, sh.batch)
+        batch = train_loop.global_batch(b, accum, sh.batch)
         results.append(step(state, params, batch))
     (s1, m1), (s2, m2) = results
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
@@ -119,23 +129,23 @@ def patterned(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("patterned")
     model_dir = make_tiny_checkpoint(str(root / "model"), seed=0)  # config.json + tokenizer
-    cfg = hf_io.load_config(model_dir, dtype="float32")
-    params = hf_io.load_params(model_dir, cfg)
+    cfg = hf.load_config(model_dir, dtype="float32")
+    params = hf.load_params(model_dir, cfg)
     rng = np.random.default_rng(0)
     docs = [[cfg.bos_token_id, *motif(rng) * 16] for _ in range(400)]
     windows = pretrain.pack_documents(docs, 64, cfg.eos_token_ids[0])
     steps = 300
-    optimizer, _ = training.make_optimizer(OptimizerConfig(learning_rate=2e-2, warmup_steps=20), steps)
+    optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=2e-2, warmup_steps=20), steps)
     pretrain_step = pretrain.make_pretrain_step(cfg, optimizer)
     opt_state = optimizer.init(params)
     for _, windows_batch in zip(range(steps), pretrain.epoch_batches(windows, 16, 0), strict=False):
         params, opt_state, _ = pretrain_step(params, opt_state, windows_batch)
     with open(f"{model_dir}/config.json") as f:
-        hf_io.save_params(params, cfg, model_dir, hf_config=json.load(f))
+        hf.save_params(params, cfg, model_dir, hf_config=json.load(f))
     # Self-distillation with the project's AR decoding, on motifs the model never saw.
     prompts = [[cfg.bos_token_id, *motif(rng) * 2] for _ in range(16)]
     generate = decoding.make_ar_generate(cfg, 40)
-    generations = decoding.generate_batches(generate, params, prompts, 16, cfg.pad_id)
+    generations = generate_all(generate, params, prompts, 16, cfg.pad_id)
     data_path = str(root / "data.jsonl")
     with open(data_path, "w") as f:
         for prompt, gen in zip(prompts, generations, strict=True):
@@ -157,7 +167,7 @@ def train_adapter(model_dir: str, data_path: str, out_dir: str, seed: int) -> bo
         bita=dataclasses.replace(BITA, prefix_dropout=0.1),
         data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
     )
-    training.run(cfg)
+    train_loop.run(cfg)
     logs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     print("seed", seed, "loss", [round(r["loss"], 3) for r in logs], "acc", logs[-1]["mask_acc"])
     assert len(logs) == 40
@@ -192,11 +202,11 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
 
     # End to end: the trained adapter, decoded with the reference tree, must draft what the base
     # model then emits (training and decoding agree on positions and offsets), losslessly.
-    model_cfg = hf_io.load_config(model_dir, dtype="float32")
-    params = hf_io.load_params(model_dir, model_cfg)
-    bita_cfg, adapter = adapter_io.load_adapter(os.path.join(run_dir, training.ADAPTER_DIR), model_cfg)
+    model_cfg = hf.load_config(model_dir, dtype="float32")
+    params = hf.load_params(model_dir, model_cfg)
+    bita_cfg, adapter = adapter_files.load_adapter(os.path.join(run_dir, train_loop.ADAPTER_DIR), model_cfg)
     generate = decoding.make_bita_generate(model_cfg, parse_tree(DEFAULT_TREE, bita_cfg.num_mask_tokens), 40)
-    bita_gens = decoding.generate_batches(generate, (params, adapter), prompts, 16, model_cfg.pad_id)
+    bita_gens = generate_all(generate, (params, adapter), prompts, 16, model_cfg.pad_id)
     assert [g.output_ids for g in bita_gens] == [g.output_ids for g in generations]
     tokens_per_step = sum(len(g.output_ids) for g in bita_gens) / sum(g.steps for g in bita_gens)
     print("BiTA tokens per step", tokens_per_step)

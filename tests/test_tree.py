@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import ConfigError
-from bita_jax.tree import DraftTree, parse_tree
 
 
 def test_upper_triangle_structure():

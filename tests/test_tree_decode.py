@@ -9,27 +9,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bita_jax import bita, decoding, hf_io
+from bita_jax.bita import adapter as bita_adapter
+from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig
-from bita_jax.kv_cache import CACHE_AXES, KVCache
-from bita_jax.llama import LlamaModel, abstract_params, causal_mask
+from bita_jax.decoding import loop as decoding
+from bita_jax.decoding import runner
+from bita_jax.decoding.acceptance import GREEDY
+from bita_jax.decoding.cache import CACHE_AXES, KVCache
+from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
+from bita_jax.io import hf
+from bita_jax.models.llama import LlamaModel, abstract_params, causal_mask
 from bita_jax.sharding import logical_sharding, make_mesh, mesh_rules, tree_shardings
-from bita_jax.tree import DraftTree, parse_tree
-from bita_jax.tree_decoding import placeholder_drafts, tree_step
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3)
 PROMPTS = [[1, 5, 9, 33], [1, 7, 8, 100, 101, 102, 40, 41, 42], [1, 77]]
 FULL_LEN = 32  # padded length of the reference full forwards
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    config = hf_io.load_config(tiny_checkpoint)
-    return config, hf_io.load_params(tiny_checkpoint, config)
+@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
+def model(tiny_checkpoint, request):
+    """(config, params) with scanned layers (training's layout) and unrolled (decoding's default)."""
+    config = hf.load_config(tiny_checkpoint, scan_layers=request.param)
+    return config, hf.load_params(tiny_checkpoint, config)
 
 
 def adapter(config, seed):
-    return bita.init_adapter(config, BITA, jax.random.key(seed))
+    return bita_adapter.init_adapter(config, BITA, jax.random.key(seed))
 
 
 def random_tree(rng: np.random.Generator, depth: int) -> DraftTree:
@@ -53,13 +58,8 @@ def full_forward(config):
     def run(params, adapter, tokens, prefix_visible):
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        hidden, kv = model.apply(
-            {"params": params},
-            tokens,
-            positions,
-            causal_mask(batch, length),
-            adapter=adapter,
-            prefix_visible=prefix_visible,
+        hidden, kv = bita_adapter.forward(
+            model, params, adapter, tokens, positions, causal_mask(batch, length), prefix_visible
         )
         return model.apply({"params": params}, hidden, method="logits"), kv
 
@@ -92,9 +92,10 @@ def jitted_prefill(config, batch, max_len=64):
 
 
 def prefilled(config, params, prompts):
-    tokens, lens = decoding.pad_batch(prompts, len(prompts), config.pad_id)
+    """(cache, pending tokens [B], streams [B]) after prefilling the prompts."""
+    tokens, lens, streams = runner.pad_batch(prompts, 0, len(prompts), config.pad_id)
     cache = jitted_prefill(config, len(prompts))(params, tokens, lens)
-    return cache, jnp.asarray(tokens[np.arange(len(prompts)), lens - 1])
+    return cache, jnp.asarray(tokens[np.arange(len(prompts)), lens - 1]), streams
 
 
 # One compile per (config, max_new) shared by all tests.
@@ -103,8 +104,7 @@ ar_generate = functools.lru_cache(maxsize=None)(decoding.make_ar_generate)
 
 def greedy_continuation(config, params, prompts, count):
     """The AR reference: greedy tokens after each prompt."""
-    tokens, lens = decoding.pad_batch(prompts, len(prompts), config.pad_id)
-    state = ar_generate(config, count)(params, tokens, lens)
+    state = ar_generate(config, count)(params, *runner.pad_batch(prompts, 0, len(prompts), config.pad_id))
     return np.asarray(state.output[:, :count])
 
 
@@ -126,10 +126,11 @@ def test_step_matches_full_forward(model, seed):
         drafts[b][np.isin(drafts[b], truth[b])] = 0  # no accidental matches elsewhere
         for level, rank in enumerate(path):
             drafts[b, level, rank] = truth[b, level]
-    cache, pending = prefilled(config, params, prompts)
+    cache, pending, streams = prefilled(config, params, prompts)
     length = np.asarray(cache.length)
-    step = jax.jit(functools.partial(tree_step, LlamaModel(config), tree))
-    out = step(params, adapter_params, cache, pending, jnp.asarray(drafts, jnp.int32))
+    step = jax.jit(functools.partial(tree_step, LlamaModel(config), tree, GREEDY))
+    out = step(params, adapter_params, cache, pending, jnp.asarray(drafts, jnp.int32), streams)
+    cache = cache.commit(out.commit_k, out.commit_v, out.accepted + 1)
 
     node_tokens = drafts[:, tree.level, tree.rank]
     for b, prompt in enumerate(prompts):
@@ -152,7 +153,7 @@ def test_step_matches_full_forward(model, seed):
         np.testing.assert_allclose(out.draft_logits[b], group, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out.drafts[b], np.argsort(-group, axis=-1)[:, : tree.draft_width])
         written = length[b] + accepted + 1
-        np.testing.assert_allclose(out.cache.k[:, b, :written], full_k[:, 0, :written], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(cache.k[:, b, :written], full_k[:, 0, :written], rtol=1e-5, atol=1e-5)
 
 
 def assert_same_generation(ar, bt):
@@ -167,14 +168,14 @@ def assert_same_generation(ar, bt):
 def test_bita_equals_ar_random_adapters(model, batch):
     config, params = model
     prompts = PROMPTS[:batch] if batch == 1 else PROMPTS
-    tokens, lens = decoding.pad_batch(prompts, batch, config.pad_id)
+    tokens, lens, streams = runner.pad_batch(prompts, 0, batch, config.pad_id)
     max_new = 30
-    ar = ar_generate(config, max_new)(params, tokens, lens)
+    ar = ar_generate(config, max_new)(params, tokens, lens, streams)
     specs = ["upper:5", "[[0],[1],[0,0],[0,1],[1,0],[0,0,0],[1,0,2]]"]
     for spec in specs[:1] if batch == 1 else specs:
         generate = decoding.make_bita_generate(config, parse_tree(spec, 3), max_new)
         for seed in range(3):
-            bt = generate((params, adapter(config, seed)), tokens, lens)
+            bt = generate((params, adapter(config, seed)), tokens, lens, streams)
             assert_same_generation(ar, bt)
             assert int(bt.steps) <= max_new
         assert generate._cache_size() == 1  # one compile for all adapters
@@ -207,18 +208,17 @@ def test_oracle_drafts_equal_ar(model, eos_at, max_new):
         config = dataclasses.replace(config, eos_token_ids=(eos,))
     tree = parse_tree("upper:4", 3)
     model_ = LlamaModel(config)
-    tokens, lens = decoding.pad_batch(PROMPTS, len(PROMPTS), config.pad_id)
-    ar = ar_generate(config, max_new)(params, tokens, lens)
+    tokens, lens, streams = runner.pad_batch(PROMPTS, 0, len(PROMPTS), config.pad_id)
+    ar = ar_generate(config, max_new)(params, tokens, lens, streams)
     if eos_at is not None:
         assert int(ar.num_generated[0]) <= eos_at + 1 < max_new
 
     extra = decoding.BiTACarry.initial(tree, len(PROMPTS), config.vocab_size)
-    max_len = decoding.cache_length(tokens.shape[1], max_new, tree.step_rows)
     init = jax.jit(
-        lambda p, t, lens: decoding.initial_state(model_, p, t, lens, max_len, max_new, tree.step_rows, extra)
+        lambda p, t, lens, s: decoding.initial_state(model_, p, t, lens, s, max_new, tree.step_rows, extra)
     )
-    step = jax.jit(functools.partial(decoding.bita_loop_step, model_, tree), static_argnums=(2,))
-    state = init(params, tokens, lens)
+    step = jax.jit(functools.partial(decoding.bita_loop_step, model_, tree, GREEDY), static_argnums=(2,))
+    state = init(params, tokens, lens, streams)
     adapter_params = adapter(config, 0)
     rng = np.random.default_rng(0)
     while not bool(state.done.all()):
@@ -234,11 +234,11 @@ def test_step_compiles_once(model):
     config, params = model
     tree = parse_tree("upper:3", 3)
     step = decoding.make_bita_step(config, tree)
-    cache, pending = prefilled(config, params, PROMPTS)
+    cache, pending, streams = prefilled(config, params, PROMPTS)
     drafts = placeholder_drafts(tree, len(PROMPTS), config.vocab_size)
     for seed in range(3):
-        out = step(params, adapter(config, seed), cache, pending, drafts)
-        cache = out.cache.advance(out.accepted + 1)
+        out = step(params, adapter(config, seed), cache, pending, drafts, streams)
+        cache = cache.commit(out.commit_k, out.commit_v, out.accepted + 1)
         pending, drafts = out.bonus, out.drafts
     assert step._cache_size() == 1
 
@@ -248,25 +248,24 @@ def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     """data=4, tensor=2 on 8 fake devices: AR and BiTA outputs equal the 1-device outputs."""
     config, params = model
     prompts = PROMPTS + [[1, 250, 251, 252, 253, 254]]
-    tokens, lens = decoding.pad_batch(prompts, 4, config.pad_id)
+    tokens, lens, streams = runner.pad_batch(prompts, 0, 4, config.pad_id)
     adapter_params = adapter(config, 3)
     tree = parse_tree("upper:5", 3)
-    ar = ar_generate(config, 20)(params, tokens, lens)
-    bt = decoding.make_bita_generate(config, tree, 20)((params, adapter_params), tokens, lens)
+    ar = ar_generate(config, 20)(params, tokens, lens, streams)
+    bt = decoding.make_bita_generate(config, tree, 20)((params, adapter_params), tokens, lens, streams)
 
     mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))
-    sharded = hf_io.load_params(tiny_checkpoint, config, tree_shardings(abstract_params(config), mesh))
-    sharded_adapter = {
-        name: jax.device_put(x, logical_sharding(bita.ADAPTER_AXES[name], mesh))
-        for name, x in adapter_params.items()
-    }
+    sharded = hf.load_params(tiny_checkpoint, config, tree_shardings(abstract_params(config), mesh))
+    sharded_adapter = bita_adapter.place_adapter(adapter_params, mesh)
     batch_sharding = logical_sharding(("batch", "seq"), mesh)
     tokens_s = jax.device_put(tokens, batch_sharding)
-    lens_s = jax.device_put(lens, logical_sharding(("batch",), mesh))
+    lens_s, streams_s = (jax.device_put(x, logical_sharding(("batch",), mesh)) for x in (lens, streams))
     # Fresh jitted functions: the mesh and the rules are read at trace time.
     with mesh_rules(mesh):
-        ar_s = decoding.make_ar_generate(config, 20)(sharded, tokens_s, lens_s)
-        bt_s = decoding.make_bita_generate(config, tree, 20)((sharded, sharded_adapter), tokens_s, lens_s)
+        ar_s = decoding.make_ar_generate(config, 20)(sharded, tokens_s, lens_s, streams_s)
+        bt_s = decoding.make_bita_generate(config, tree, 20)(
+            (sharded, sharded_adapter), tokens_s, lens_s, streams_s
+        )
     assert_same_generation(ar, ar_s)
     assert_same_generation(bt, bt_s)
     assert_same_generation(ar, bt_s)

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: user errors become one line on stderr and a non-zero exit, no traceback."""
+"""The command-line shells behind decode.py and train.py, and their shared plumbing: user errors
+become one line on stderr and exit code 2, no traceback."""
 
 from __future__ import annotations
 
@@ -6,12 +7,9 @@ import json
 import sys
 from typing import Callable
 
-from bita_jax.config import ConfigError
+from bita_jax.errors import ConfigError, UserError
 
-
-class UserError(ConfigError):
-    """Bad input from the user (missing file, malformed data line, ...)."""
-
+__all__ = ["USER_ERRORS", "UserError", "run_main"]
 
 # Errors that describe bad input rather than a bug; anything else keeps its traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, json.JSONDecodeError)

@@ -41,11 +41,19 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def write(self, new_k: jax.Array, new_v: jax.Array) -> "KVCache":
-        """Writes rows [L, B, R, K, H] into slots [length[b], length[b] + R) of each row b.
+    def model_inputs(self, num_rows: int) -> dict[str, jax.Array]:
+        """The model's `cache_kv` and `cache_mask` [B, T, S] for a chunk of T = num_rows rows:
+        every row sees its sequence's committed slots."""
+        visible = jnp.arange(self.max_len)[None, :] < self.length[:, None]  # [B, S]
+        mask = jnp.broadcast_to(visible[:, None, :], (self.length.shape[0], num_rows, self.max_len))
+        return {"cache_kv": (self.k, self.v), "cache_mask": mask}
 
-        The length is not advanced: the caller decides how many of the R rows are committed, and
-        rows past that are overwritten by the next write. The caller guarantees length + R <= S.
+    def commit(self, new_k: jax.Array, new_v: jax.Array, count: jax.Array) -> "KVCache":
+        """Commits the first count[b] of R new rows [L, B, R, K, H] after each row b's length.
+
+        All R rows are written (static shapes); the length advances by count [B], so rows past
+        it stay invisible and the next commit overwrites them. count 0 leaves a row unchanged in
+        effect (finished rows). The caller guarantees length + R <= S.
         """
 
         def put(buf, rows, start):  # buf [L, S, K, H], rows [L, R, K, H]
@@ -56,8 +64,8 @@ class KVCache:
             out = jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)(buf, rows, self.length)
             return nn.with_logical_constraint(out, CACHE_AXES)
 
-        return self.replace(k=write_rows(self.k, new_k), v=write_rows(self.v, new_v))
-
-    def advance(self, n: jax.Array) -> "KVCache":
-        """Commits n [B] more tokens per row."""
-        return self.replace(length=self.length + n.astype(jnp.int32))
+        return KVCache(
+            k=write_rows(self.k, new_k),
+            v=write_rows(self.v, new_v),
+            length=self.length + count.astype(jnp.int32),
+        )

@@ -1,36 +1,29 @@
-"""Greedy generation: prefill, the jitted decode step, and the on-device generation loop.
+"""The on-device generation loop: prefill, the AR step, the tree step's loop carry, and the jitted
+generate functions of both modes.
 
 Both autoregressive (AR) and BiTA decoding share this sequencing. The cache holds every committed
 token except the newest one, which is the next step's first input row ("pending" token), so a step
-is always "feed the pending token (plus drafts), write the accepted rows, advance the length".
+is always "feed the pending token (plus drafts), choose, record, commit the accepted rows".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
 from typing import Any, Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from bita_jax.config import ConfigError, ModelConfig
-from bita_jax.kv_cache import KVCache
-from bita_jax.llama import LlamaModel, causal_mask
-from bita_jax.tree import DraftTree
-from bita_jax.tree_decoding import placeholder_drafts, tree_step
+from bita_jax.bita.tree import DraftTree
+from bita_jax.config import ModelConfig
+from bita_jax.decoding.acceptance import GREEDY
+from bita_jax.decoding.cache import KVCache
+from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
+from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
-MIN_BUCKET = 16
-# Decoding runs the layers unrolled (see llama.py): each layer's weights are read in place.
+# Decoding runs the layers unrolled (see models/llama.py): each layer's weights are read in place.
 SCAN_LAYERS = False
-
-
-def prompt_bucket(length: int) -> int:
-    """Padded prompt length: the next power of two (at least MIN_BUCKET), so few compiles serve all."""
-    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
 def cache_length(bucket: int, max_new_tokens: int, step_rows: int) -> int:
@@ -39,22 +32,8 @@ def cache_length(bucket: int, max_new_tokens: int, step_rows: int) -> int:
     return -(-need // 16) * 16
 
 
-def check_lengths(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int) -> None:
-    """Refuses, before any compile, prompts that cannot fit the model's positions."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if min(prompt_lens) < 1:
-        raise ConfigError("empty prompt: at least one token is needed")
-    longest = max(prompt_lens)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ConfigError(
-            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-            f"{config.max_position_embeddings} positions"
-        )
-
-
 def prefill(model: LlamaModel, params, tokens: jax.Array, prompt_lens: jax.Array, cache: KVCache) -> KVCache:
-    """Writes the prompts' keys/values into an empty cache, leaving each last token pending.
+    """Commits the prompts' keys/values to an empty cache, leaving each last token pending.
 
     Args:
       tokens: [B, T] right-padded prompts.
@@ -66,25 +45,37 @@ def prefill(model: LlamaModel, params, tokens: jax.Array, prompt_lens: jax.Array
     """
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    _, (k, v) = model.apply({"params": params}, tokens, positions, causal_mask(batch, length))
-    return cache.write(k, v).advance(prompt_lens - 1)
+    _, (k, v) = forward(model, params, tokens, positions, causal_mask(batch, length))
+    return cache.commit(k, v, prompt_lens - 1)
 
 
-def ar_step(model: LlamaModel, params, cache: KVCache, pending: jax.Array) -> tuple[jax.Array, KVCache]:
-    """One greedy AR step: feeds pending [B], returns the next tokens [B] and the advanced cache."""
+def ar_next(
+    model: LlamaModel, policy, params, cache: KVCache, pending: jax.Array, streams: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Feeds pending [B] after the cache: the chosen next tokens [B] and pending's keys/values
+    [L, B, 1, K, H] (not yet committed)."""
     batch = pending.shape[0]
-    positions = cache.length[:, None]
-    hidden, (k, v) = model.apply(
-        {"params": params}, pending[:, None], positions, jnp.ones((batch, 1, 1), bool), cache=cache
-    )
-    next_tokens = jnp.argmax(model.apply({"params": params}, hidden[:, 0], method="logits"), axis=-1)
-    return next_tokens.astype(jnp.int32), cache.write(k, v).advance(jnp.ones((batch,), jnp.int32))
+    hidden, kv = forward(
+        model, params, pending[:, None], cache.length[:, None], jnp.ones((batch, 1, 1), bool),
+        **cache.model_inputs(1),
+    )  # fmt: skip
+    logits = model.apply({"params": params}, hidden[:, :1], method="logits")  # [B, 1, V]
+    # The pending token sits at the cache length; the chosen token one position later.
+    return policy.choose(logits, cache.length[:, None] + 1, streams)[:, 0], kv
 
 
-def make_ar_step(config: ModelConfig) -> Callable:
-    """Jitted AR step `(params, cache, pending) -> (next, cache)` with the cache donated."""
+def ar_step(
+    model: LlamaModel, policy, params, cache: KVCache, pending: jax.Array, streams: jax.Array
+) -> tuple[jax.Array, KVCache]:
+    """One AR step that commits pending [B]: returns the chosen next tokens [B] and the cache."""
+    next_tokens, (k, v) = ar_next(model, policy, params, cache, pending, streams)
+    return next_tokens, cache.commit(k, v, jnp.ones_like(cache.length))
+
+
+def make_ar_step(config: ModelConfig, policy=GREEDY) -> Callable:
+    """Jitted AR step `(params, cache, pending, streams) -> (next, cache)` with the cache donated."""
     model = LlamaModel(config)
-    return jax.jit(lambda params, cache, pending: ar_step(model, params, cache, pending), donate_argnums=(1,))
+    return jax.jit(functools.partial(ar_step, model, policy), donate_argnums=(1,))
 
 
 @flax.struct.dataclass
@@ -94,6 +85,7 @@ class GenerationState:
     Attributes:
       cache: committed tokens except each row's pending one.
       pending: [B] the newest committed token, fed first by the next step.
+      streams: [B] int32 prompt index of each row in the caller's input (the policy's key).
       output: [B, max_new + R] generated ids; row b's first num_generated[b] are final.
       num_generated: [B] int32.
       done: [B] bool, the row hit EOS or max_new_tokens; finished rows never change again.
@@ -104,6 +96,7 @@ class GenerationState:
 
     cache: KVCache
     pending: jax.Array
+    streams: jax.Array
     output: jax.Array
     num_generated: jax.Array
     done: jax.Array
@@ -149,19 +142,21 @@ def initial_state(
     params,
     tokens: jax.Array,
     prompt_lens: jax.Array,
-    max_len: int,
+    streams: jax.Array,
     max_new_tokens: int,
     step_rows: int,
     extra: Any = None,
 ) -> GenerationState:
     """Prefills the cache and builds the loop carry; the last prompt token is pending."""
     batch = tokens.shape[0]
+    max_len = cache_length(tokens.shape[1], max_new_tokens, step_rows)
     cache = prefill(model, params, tokens, prompt_lens, KVCache.init(model.config, batch, max_len))
     pending = jnp.take_along_axis(tokens, (prompt_lens - 1)[:, None], axis=1)[:, 0]
     zeros = jnp.zeros((batch,), jnp.int32)
     return GenerationState(
         cache=cache,
         pending=pending,
+        streams=streams,
         output=jnp.full((batch, max_new_tokens + step_rows), model.config.pad_id, jnp.int32),
         num_generated=zeros,
         done=jnp.zeros((batch,), bool),
@@ -178,23 +173,28 @@ def run_loop(
     return jax.lax.while_loop(lambda s: (~s.done.all()) & (s.steps < max_steps), step, state)
 
 
-def make_ar_generate(config: ModelConfig, max_new_tokens: int) -> Callable:
-    """Jitted `(params, tokens [B, T], prompt_lens [B]) -> GenerationState`: prefill + AR loop."""
+def ar_loop_step(model: LlamaModel, policy, params, max_new_tokens: int, state: GenerationState):
+    """One AR step of the generation loop: choose, record, commit the pending token if running."""
+    next_tokens, (k, v) = ar_next(model, policy, params, state.cache, state.pending, state.streams)
+    state, keep = record_tokens(
+        state, next_tokens[:, None], jnp.ones_like(state.num_generated), max_new_tokens,
+        model.config.eos_token_ids,
+    )  # fmt: skip
+    # Finished rows commit nothing, so their cache never outgrows its headroom.
+    return state.replace(
+        cache=state.cache.commit(k, v, keep),
+        pending=jnp.where(keep > 0, next_tokens, state.pending),
+    )
+
+
+def make_ar_generate(config: ModelConfig, max_new_tokens: int, policy=GREEDY) -> Callable:
+    """Jitted `(params, tokens [B, T], prompt_lens [B], streams [B]) -> GenerationState`:
+    prefill + AR loop."""
     model = LlamaModel(config)
 
-    def generate(params, tokens, prompt_lens):
-        max_len = cache_length(tokens.shape[1], max_new_tokens, 1)
-        state = initial_state(model, params, tokens, prompt_lens, max_len, max_new_tokens, 1)
-
-        def step(s: GenerationState) -> GenerationState:
-            next_tokens, cache = ar_step(model, params, s.cache, s.pending)
-            s, keep = record_tokens(
-                s, next_tokens[:, None], jnp.ones_like(s.num_generated), max_new_tokens, config.eos_token_ids
-            )
-            # Finished rows stop advancing so their cache never outgrows its headroom.
-            cache = cache.replace(length=jnp.where(keep > 0, cache.length, s.cache.length))
-            return s.replace(cache=cache, pending=jnp.where(keep > 0, next_tokens, s.pending))
-
+    def generate(params, tokens, prompt_lens, streams):
+        state = initial_state(model, params, tokens, prompt_lens, streams, max_new_tokens, 1)
+        step = functools.partial(ar_loop_step, model, policy, params, max_new_tokens)
         return run_loop(state, step, max_new_tokens)
 
     return jax.jit(generate)
@@ -223,13 +223,16 @@ class BiTACarry:
 def bita_loop_step(
     model: LlamaModel,
     tree: DraftTree,
+    policy,
     params,
     adapter,
     max_new_tokens: int,
     state: GenerationState,
 ) -> GenerationState:
     """One tree step of the generation loop: verify, record, commit the accepted rows, redraft."""
-    step = tree_step(model, tree, params, adapter, state.cache, state.pending, state.extra.drafts)
+    step = tree_step(
+        model, tree, policy, params, adapter, state.cache, state.pending, state.extra.drafts, state.streams
+    )
     state, keep = record_tokens(
         state, step.new_tokens, step.accepted + 1, max_new_tokens, model.config.eos_token_ids
     )
@@ -241,81 +244,33 @@ def bita_loop_step(
         accepted_per_level=state.extra.accepted_per_level + counted.astype(jnp.int32),
     )
     return state.replace(
-        cache=step.cache.advance(jnp.where(running, step.accepted + 1, 0)),
+        cache=state.cache.commit(step.commit_k, step.commit_v, jnp.where(running, step.accepted + 1, 0)),
         pending=jnp.where(running, step.bonus, state.pending),
         extra=extra,
     )
 
 
-def make_bita_generate(config: ModelConfig, tree: DraftTree, max_new_tokens: int) -> Callable:
-    """Jitted `((params, adapter), tokens [B, T], prompt_lens [B]) -> GenerationState`.
+def make_bita_generate(config: ModelConfig, tree: DraftTree, max_new_tokens: int, policy=GREEDY) -> Callable:
+    """Jitted `((params, adapter), tokens [B, T], prompt_lens [B], streams [B]) -> GenerationState`.
 
     Prefill, then tree steps in one on-device loop; `state.steps` counts tree steps and
     `state.extra` is a BiTACarry with per-level acceptance counts.
     """
     model = LlamaModel(config)
 
-    def generate(weights, tokens, prompt_lens):
+    def generate(weights, tokens, prompt_lens, streams):
         params, adapter = weights
         extra = BiTACarry.initial(tree, tokens.shape[0], config.vocab_size)
-        max_len = cache_length(tokens.shape[1], max_new_tokens, tree.step_rows)
         state = initial_state(
-            model, params, tokens, prompt_lens, max_len, max_new_tokens, tree.step_rows, extra
+            model, params, tokens, prompt_lens, streams, max_new_tokens, tree.step_rows, extra
         )
-        step = functools.partial(bita_loop_step, model, tree, params, adapter, max_new_tokens)
+        step = functools.partial(bita_loop_step, model, tree, policy, params, adapter, max_new_tokens)
         return run_loop(state, step, max_new_tokens)
 
     return jax.jit(generate)
 
 
-def make_bita_step(config: ModelConfig, tree: DraftTree) -> Callable:
-    """Jitted tree step `(params, adapter, cache, pending, drafts) -> TreeStepResult`, cache donated."""
+def make_bita_step(config: ModelConfig, tree: DraftTree, policy=GREEDY) -> Callable:
+    """Jitted tree step `(params, adapter, cache, pending, drafts, streams) -> TreeStepResult`."""
     model = LlamaModel(config)
-    return jax.jit(functools.partial(tree_step, model, tree), donate_argnums=(2,))
-
-
-@dataclasses.dataclass
-class Generation:
-    """One prompt's result on the host."""
-
-    output_ids: list[int]
-    steps: int
-    seconds: float
-
-
-def pad_batch(prompts: list[list[int]], batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads up to batch_size prompts to their bucket; missing rows repeat the last prompt."""
-    rows = prompts + [prompts[-1]] * (batch_size - len(prompts))
-    bucket = prompt_bucket(max(len(p) for p in rows))
-    tokens = np.full((batch_size, bucket), pad_id, np.int32)
-    for i, p in enumerate(rows):
-        tokens[i, : len(p)] = p
-    return tokens, np.asarray([len(p) for p in rows], np.int32)
-
-
-def generate_batches(
-    generate_fn: Callable,
-    params,
-    prompts: list[list[int]],
-    batch_size: int,
-    pad_id: int,
-    on_batch: Callable[[GenerationState, int], None] | None = None,
-) -> list[Generation]:
-    """Runs a jitted generate function over prompts in batches; returns one Generation per prompt.
-
-    The first call of each shape compiles; `seconds` is the batch's wall time split evenly.
-    """
-    results: list[Generation] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        tokens, lens = pad_batch(chunk, batch_size, pad_id)
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(generate_fn(params, tokens, lens))
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
-        if on_batch is not None:
-            on_batch(state, len(chunk))
-        results += [
-            Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds) for i in range(len(chunk))
-        ]
-    return results
+    return jax.jit(functools.partial(tree_step, model, tree, policy))

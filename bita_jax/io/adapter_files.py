@@ -17,8 +17,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
-from bita_jax.bita import adapter_shapes
-from bita_jax.config import BiTAConfig, ConfigError, ModelConfig, from_dict, to_dict
+from bita_jax.bita.adapter import adapter_shapes
+from bita_jax.config import BiTAConfig, ModelConfig, from_dict, to_dict
+from bita_jax.errors import ConfigError
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -9,6 +9,9 @@ One step feeds T = 1 + N + Dt * (N + 1) rows (Dt = tree depth):
   rows 1 .. N       the N candidate nodes (level by level, then by path),
   then N + 1 groups of Dt mask tokens: group 0 drafts after the root, group 1 + n after node n.
 Groups only need Dt masks: mask k of a group sees masks 0..k, so later masks change nothing.
+A step ends in one of N + 1 "stops": the root (stop 0, no draft accepted) or node n (stop 1 + n,
+the deepest accepted node). The stop indexes its verify row, its commit rows and its drafting
+group alike, so this module owns every row index a step needs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 
 import numpy as np
 
-from bita_jax.config import ConfigError
+from bita_jax.errors import ConfigError
 
 DEFAULT_TREE = "upper:5"
 
@@ -130,6 +133,37 @@ class DraftTree:
     def group_rows(self, group: int) -> np.ndarray:
         """[Dt] rows of mask group `group` (0 = root's group, 1 + n = node n's group)."""
         return 1 + self.num_nodes + group * self.depth + np.arange(self.depth)
+
+    @property
+    def num_verify_rows(self) -> int:
+        """1 + N: the root and node rows, whose logits are exactly the base model's."""
+        return 1 + self.num_nodes
+
+    @functools.cached_property
+    def stop_depth(self) -> np.ndarray:
+        """[1 + N] drafts accepted when a step stops at each stop (0 for the root)."""
+        return np.concatenate([[0], self.level + 1]).astype(np.int32)
+
+    @functools.cached_property
+    def stop_path(self) -> np.ndarray:
+        """[1 + N, Dt] node indices from level 0 down to each stop; entries past it repeat it.
+
+        The root's row is filler (node 0's path): its accepted count of 0 hides it.
+        """
+        return np.concatenate([self.path_nodes[:1], self.path_nodes]).astype(np.int32)
+
+    @functools.cached_property
+    def commit_rows(self) -> np.ndarray:
+        """[1 + N, Dt + 1] step rows a step commits for each stop: the root, then the accepted path.
+
+        Rows past the accepted count are filler that the cache length hides.
+        """
+        return np.concatenate([np.zeros((1 + self.num_nodes, 1), np.int32), 1 + self.stop_path], axis=1)
+
+    @functools.cached_property
+    def drafting_rows(self) -> np.ndarray:
+        """[1 + N, Dt] rows of the mask group that drafts the next tree after each stop."""
+        return np.stack([self.group_rows(stop) for stop in range(1 + self.num_nodes)]).astype(np.int32)
 
     @functools.cached_property
     def self_mask(self) -> np.ndarray:

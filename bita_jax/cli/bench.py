@@ -1,7 +1,7 @@
 """Side-by-side decoding benchmark: our AR and BiTA, transformers' greedy and prompt-lookup decoding.
 
-  python -m bita_jax.bench                        # the packaged demo
-  python -m bita_jax.bench --model DIR --adapter DIR --prompts FILE.jsonl --batch-sizes 1,4 \\
+  python -m bita_jax.cli.bench                        # the packaged demo
+  python -m bita_jax.cli.bench --model DIR --adapter DIR --prompts FILE.jsonl --batch-sizes 1,4 \\
       --trees upper:5,upper:3,chain --output-dir bench_out
 
 All methods run in one process on the same prompts with the same max_new_tokens. Per method it
@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from bita_jax import adapter_io, decoding, demo_files, generation_io, hf_io
+from bita_jax import api, demo
+from bita_jax.bita.tree import parse_tree
 from bita_jax.cli import UserError, run_main
-from bita_jax.tree import parse_tree
+from bita_jax.cli.files import read_prompts
 
 
 @dataclasses.dataclass
@@ -57,13 +58,18 @@ class MethodResult:
         return {**out, "tokens_per_s": self.tokens_per_s, "tokens_per_forward": self.tokens_per_forward}
 
 
-def run_ours(config, params, prompt_ids, max_new, batch_size) -> MethodResult:
-    generations, seconds, compile_s = generation_io.compile_and_generate(
-        decoding.make_ar_generate(config, max_new), params, prompt_ids, batch_size, config.pad_id
-    )
+def run_ours(model: api.Model, texts: list[str], max_new: int, batch_size: int, tree: str | None = None):
+    """Our AR (tree None) or BiTA with the given tree, through the Python API."""
+    options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree}
+    run = model.run(texts, max_new_tokens=max_new, batch_size=batch_size, **options)
+    generations = run.generations
+    acceptance = None
+    if run.accepted_per_level is not None:
+        acceptance = (run.accepted_per_level.sum(axis=0) / max(sum(g.steps for g in generations), 1)).tolist()
     return MethodResult(
-        "ours AR", batch_size, None, sum(len(g.output_ids) for g in generations),
-        sum(g.steps for g in generations), seconds, compile_s, [g.output_ids for g in generations],
+        f"ours {'BiTA' if tree else 'AR'}", batch_size, tree, sum(len(g.output_ids) for g in generations),
+        sum(g.steps for g in generations), run.seconds, run.compile_seconds,
+        [g.output_ids for g in generations], acceptance=acceptance,
     )  # fmt: skip
 
 
@@ -96,26 +102,6 @@ def run_hf(model_dir, prompt_ids, max_new, config, lookup: int | None) -> Method
     return MethodResult(name, 1, None, sum(map(len, outputs)), calls[0], seconds, 0.0, outputs)
 
 
-def run_bita(config, params, adapter, prompt_ids, max_new, batch_size, tree_spec, num_masks) -> MethodResult:
-    tree = parse_tree(tree_spec, num_masks)
-    accepted, steps = np.zeros(tree.depth), [0]
-
-    def on_batch(state, rows):
-        counts, row_steps = (np.asarray(x)[:rows] for x in (state.extra.accepted_per_level, state.row_steps))
-        accepted[:] += counts.sum(axis=0)
-        steps[0] += int(row_steps.sum())
-
-    generations, seconds, compile_s = generation_io.compile_and_generate(
-        decoding.make_bita_generate(config, tree, max_new), (params, adapter), prompt_ids, batch_size,
-        config.pad_id, on_batch,
-    )  # fmt: skip
-    return MethodResult(
-        "ours BiTA", batch_size, tree_spec, sum(len(g.output_ids) for g in generations),
-        sum(g.steps for g in generations), seconds, compile_s, [g.output_ids for g in generations],
-        acceptance=(accepted / max(steps[0], 1)).tolist(),
-    )  # fmt: skip
-
-
 def score(results: list[MethodResult]) -> None:
     """Fills speedup (vs our AR at the same batch size) and exact match (vs our AR at batch 1)."""
     ar = {r.batch_size: r for r in results if r.method == "ours AR"}
@@ -129,7 +115,7 @@ def tree_label(spec: str | None) -> str:
     """Short name of a tree spec for tables and legends (JSON path lists become their size)."""
     if spec is None:
         return "-"
-    names = {demo_files.COMPACT_TREE: "demo compact", demo_files.WIDE_TREE: "demo wide"}
+    names = {demo.COMPACT_TREE: "demo compact", demo.WIDE_TREE: "demo wide"}
     if spec.startswith("["):
         return f"{names.get(spec, 'custom')} ({len(json.loads(spec))} nodes)"
     return spec
@@ -176,7 +162,7 @@ def plot(results: list[MethodResult], path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bita_jax.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bita_jax.cli.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="HF checkpoint directory (default: the packaged demo model)")
     parser.add_argument("--adapter", help="BiTA adapter directory (default: the packaged demo adapter)")
     parser.add_argument("--prompts", help="jsonl prompts (default: the demo's held-out prompts)")
@@ -207,22 +193,18 @@ def parse_batch_sizes(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.model and args.adapter and args.prompts):
-        demo_files.require()
-    model_dir = args.model or demo_files.MODEL_DIR
-    adapter_dir = args.adapter or demo_files.ADAPTER_DIR
+        demo.require()
+    model_dir = args.model or demo.MODEL_DIR
+    adapter_dir = args.adapter or demo.ADAPTER_DIR
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     import jax
 
-    trees = args.trees or list(dict.fromkeys(["upper:5", demo_files.demo_tree(jax.default_backend())]))
-    texts = generation_io.read_prompts(args.prompts or demo_files.PROMPTS_FILE)[: args.num_prompts]
-    config = hf_io.load_config(model_dir, scan_layers=decoding.SCAN_LAYERS)
-    tokenizer = hf_io.load_tokenizer(model_dir)
-    prompt_ids = hf_io.encode_prompts(tokenizer, texts, chat=False)
-    decoding.check_lengths(config, [len(p) for p in prompt_ids], args.max_new_tokens)
-    params = hf_io.load_params(model_dir, config)
-    bita_cfg, adapter = adapter_io.load_adapter(adapter_dir, config)
+    trees = args.trees or list(dict.fromkeys(["upper:5", demo.demo_tree(jax.default_backend())]))
+    texts = read_prompts(args.prompts or demo.PROMPTS_FILE)[: args.num_prompts]
+    model = api.load(model_dir, adapter=adapter_dir)
     for spec in trees:
-        parse_tree(spec, bita_cfg.num_mask_tokens)  # bad specs fail before any compile
+        parse_tree(spec, model.bita_config.num_mask_tokens)  # bad specs fail before any compile
+    prompt_ids = model.encode(texts)
 
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} host cores)"
     print(
@@ -230,12 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for batch in batch_sizes:
-        results.append(run_ours(config, params, prompt_ids, args.max_new_tokens, batch))
+        results.append(run_ours(model, texts, args.max_new_tokens, batch))
         for spec in trees:
-            results.append(
-                run_bita(config, params, adapter, prompt_ids, args.max_new_tokens, batch, spec,
-                         bita_cfg.num_mask_tokens)
-            )  # fmt: skip
+            results.append(run_ours(model, texts, args.max_new_tokens, batch, spec))
         print(f"  batch {batch} done", file=sys.stderr)
     if not args.no_torch:
         try:
@@ -243,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("note: torch is not installed; transformers methods skipped", file=sys.stderr)
         else:
-            results.append(run_hf(model_dir, prompt_ids, args.max_new_tokens, config, None))
-            results.append(run_hf(model_dir, prompt_ids, args.max_new_tokens, config, args.prompt_lookup))
+            results.append(run_hf(model_dir, prompt_ids, args.max_new_tokens, model.config, None))
+            results.append(
+                run_hf(model_dir, prompt_ids, args.max_new_tokens, model.config, args.prompt_lookup)
+            )
     score(results)
 
     os.makedirs(args.output_dir, exist_ok=True)

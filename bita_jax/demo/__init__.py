@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from bita_jax.cli import UserError
+from bita_jax.errors import UserError
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_DIR = os.path.dirname(os.path.abspath(__file__))  # this package holds the files
 MODEL_DIR = os.path.join(DEMO_DIR, "model")
 ADAPTER_DIR = os.path.join(DEMO_DIR, "adapter")
 PROMPTS_FILE = os.path.join(DEMO_DIR, "prompts.jsonl")

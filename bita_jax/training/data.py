@@ -1,19 +1,10 @@
-"""Training data for BiTA: (source, target) token examples and the multi-group sequence format.
+"""Training data for BiTA, on the host in numpy: examples, group windows, batches.
 
 Examples come from a jsonl file as written by decode.py (`prompt_ids` + `output_ids` used when
 present, so targets are exactly what the model generated) or from any `datasets` dataset with
 prompt/completion text columns, tokenized as decode.py tokenizes prompts. The target is the
-response followed by EOS, so the mask tokens also learn to predict the end.
-
-One example becomes one sequence of the method's "efficient" format (method doc 2.3-2.5):
-
-    tokens   = source ++ target[:s_last] ++ g groups of the M mask ids V..V+M-1
-    group    = -1 on normal tokens, j on the masks of group j
-    visible  = (for the attention mask) normal row i: i + 1; mask of group j: S + s_j
-    position = normal i: i; mask k of group j: S + s_j + k
-    label    = mask k of group j: target[s_j + 1 + k]; -100 elsewhere
-
-`attention_mask` turns that metadata into the [B, T, T] mask with array ops inside the jitted step.
+response followed by EOS, so the mask tokens also learn to predict the end. Each example becomes
+one multi-group sequence (bita/training_mask.py); batches are padded to length buckets.
 """
 
 from __future__ import annotations
@@ -23,15 +14,12 @@ import json
 import os
 from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from bita_jax.cli import UserError
+from bita_jax.bita.training_mask import IGNORE, NORMAL, build_sequence
 from bita_jax.config import DataConfig
+from bita_jax.errors import UserError
 
-IGNORE = -100
-NORMAL = -1  # `group` of normal (and padding) tokens
 BATCH_FIELDS = ("tokens", "positions", "group", "visible_end", "labels")
 
 
@@ -139,7 +127,7 @@ def read_examples(
             )
         with_text.append((record[cfg.prompt_field], record[cfg.completion_field]))
     if with_text:
-        from bita_jax.hf_io import encode_prompts, load_tokenizer
+        from bita_jax.io.hf import encode_prompts, load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
         sources = encode_prompts(tokenizer, [p for p, _ in with_text], cfg.chat)
@@ -170,45 +158,6 @@ def group_offsets(target_len: int, num_masks: int, max_groups: int, rng: np.rand
         return np.zeros((0,), np.int64)
     start = rng.integers(0, candidates - max_groups + 1) if candidates > max_groups else 0
     return start + np.arange(min(candidates, max_groups))
-
-
-def build_sequence(
-    example: Example, offsets: np.ndarray, vocab_size: int, num_masks: int
-) -> dict[str, np.ndarray]:
-    """One example with the given group offsets -> per-token arrays (module docstring), length
-    S + s_last + g * M, int32."""
-    source = np.asarray(example.source, np.int32)
-    target = np.asarray(example.target, np.int32)
-    S, g, M = len(source), len(offsets), num_masks
-    normal_len = S + (int(offsets[-1]) if g else len(target))
-    normal = np.concatenate([source, target])[:normal_len]
-    k = np.tile(np.arange(M), g)  # [g*M] offset of each mask within its group
-    j = np.repeat(np.arange(g), M)  # [g*M] group of each mask
-    visible = S + offsets[j]  # [g*M] normal tokens each mask sees
-    return {
-        "tokens": np.concatenate([normal, vocab_size + k]).astype(np.int32),
-        "positions": np.concatenate([np.arange(normal_len), visible + k]).astype(np.int32),
-        "group": np.concatenate([np.full(normal_len, NORMAL), j]).astype(np.int32),
-        "visible_end": np.concatenate([np.arange(1, normal_len + 1), visible]).astype(np.int32),
-        "labels": np.concatenate([np.full(normal_len, IGNORE), target[offsets[j] + 1 + k]]).astype(np.int32),
-    }
-
-
-def attention_mask(group: jax.Array, visible_end: jax.Array, positions: jax.Array) -> jax.Array:
-    """[B, T, T] training attention mask from per-token metadata (method doc 2.4).
-
-    Row q sees normal key s when s < visible_end[q] (normal rows: causal; mask rows: source plus
-    target[:s_j]), and a mask row also sees the masks of its own group at positions <= its own.
-    Groups never see each other; normal rows never see masks. Padding rows are normal rows.
-
-    Args:
-      group, visible_end, positions: [B, T] int32 (see `build_sequence`).
-    """
-    keys = jnp.arange(group.shape[1])
-    sees_normal = (group[:, None, :] == NORMAL) & (keys[None, None, :] < visible_end[:, :, None])
-    same_group = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] != NORMAL)
-    earlier = positions[:, None, :] <= positions[:, :, None]
-    return sees_normal | (same_group & earlier)
 
 
 def default_buckets(cfg: DataConfig, num_masks: int) -> tuple[int, ...]:
@@ -288,7 +237,9 @@ class BatchStream:
             example = self.examples[i]
             rng = np.random.default_rng([self.seed, epoch, int(i)])
             offsets = group_offsets(len(example.target), self.num_masks, self.cfg.max_groups, rng)
-            out.append(build_sequence(example, offsets, self.vocab_size, self.num_masks))
+            out.append(
+                build_sequence(example.source, example.target, offsets, self.vocab_size, self.num_masks)
+            )
         return out
 
     def batch(self, epoch: int, index: int, length: int | None = None) -> dict[str, np.ndarray]:

@@ -1,10 +1,11 @@
-"""LLaMA in Flax Linen, pure-functional, with scanned or unrolled layers and an explicit KV cache.
+"""LLaMA in Flax Linen, pure-functional, with scanned or unrolled layers.
 
-The model never owns state: params come in, hidden states and the step's new keys/values come out.
-The caller supplies the attention mask between the step's own tokens; committed tokens in the cache
-are visible to every row up to each row's cache length. BiTA enters through `adapter`, a separate
-pytree: mask-token embeddings (ids V..V+M-1) and per-layer prefix keys/values that only rows with
-`prefix_visible` attend to, so rows without it compute exactly what the base model computes.
+The model never owns state: params come in, hidden states and the chunk's new keys/values come out.
+The caller supplies every mask: between the chunk's own tokens, to the committed keys/values it
+passes in (a KV cache's arrays), and which rows see an optional prefix of extra keys/values (BiTA's
+prompt tokens, never rotated). The model takes embeddings, so callers choose what each row holds
+(`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py). Rows that see
+no prefix compute exactly what the base model computes.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from bita_jax.config import ModelConfig
-from bita_jax.kv_cache import KVCache
-from bita_jax.layers import RMSNorm, apply_rope, attend, rope_inv_freq
+from bita_jax.models.layers import RMSNorm, apply_rope, attend, rope_inv_freq
 
-Adapter = dict  # {"prefix_keys", "prefix_values": [L, P, N, H], "mask_embeddings": [M, D]}
+KeysValues = tuple[jax.Array, jax.Array]  # (k, v), each [L, ...] with a leading layer axis
 
 
 def _init():
@@ -140,56 +140,43 @@ class LlamaModel(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] ids in [0, V) -> [B, T, D] embeddings in the config dtype."""
+        return jnp.take(self.embed_tokens, tokens, axis=0)
+
     def __call__(
         self,
-        tokens: jax.Array,
+        embeds: jax.Array,
         positions: jax.Array,
         self_mask: jax.Array,
-        cache: KVCache | None = None,
-        adapter: Adapter | None = None,
+        cache_kv: KeysValues | None = None,
+        cache_mask: jax.Array | None = None,
+        prefix: KeysValues | None = None,
         prefix_visible: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Runs the decoder over one chunk of tokens.
+    ) -> tuple[jax.Array, KeysValues]:
+        """Runs the decoder over one chunk of rows.
 
         Args:
-          tokens: [B, T] int32; ids >= V select BiTA mask embeddings (id V + k is mask k).
+          embeds: [B, T, D] input embeddings (see `embed`).
           positions: [B, T] int32 rotary positions.
-          self_mask: [B, T, T] bool, which of this chunk's tokens each row sees.
-          cache: committed tokens' keys/values; row b sees its first `cache.length[b]` slots.
-          adapter: BiTA params (prefix keys/values [L, P, N, H], mask embeddings [M, D]).
-          prefix_visible: [B, T] bool, rows that attend to the prefix (required with adapter).
+          self_mask: [B, T, T] bool, which of this chunk's rows each row sees.
+          cache_kv: committed keys/values (k, v) [L, B, S, K, H], rotated, from earlier chunks.
+          cache_mask: [B, T, S] bool, which committed slots each row sees (required with cache_kv).
+          prefix: extra keys/values (k, v) [L, P, N, H], one per query head, never rotated.
+          prefix_visible: [B, T] bool, rows that attend to the prefix (required with prefix).
 
         Returns:
           hidden [B, T, D] after the final norm, and (k, v) [L, B, T, K, H] of this chunk, for
-          the caller to write into the cache.
+          the caller to commit to its cache.
         """
-        c = self.config
-        dt = jnp.dtype(c.dtype)
-        x = jnp.take(self.embed_tokens, jnp.clip(tokens, 0, c.vocab_size - 1), axis=0)
-        if adapter is not None:
-            mask_emb = adapter["mask_embeddings"].astype(dt)
-            extra = jnp.take(mask_emb, jnp.clip(tokens - c.vocab_size, 0, mask_emb.shape[0] - 1), axis=0)
-            x = jnp.where((tokens >= c.vocab_size)[..., None], extra, x)
-        x = nn.with_logical_constraint(x.astype(dt), ("batch", "seq", "embed"))
-
-        layer_cache = cache_mask = None
-        if cache is not None:
-            layer_cache = (cache.k, cache.v)
-            slots = jnp.arange(cache.max_len)
-            cache_mask = jnp.broadcast_to(
-                (slots[None, :] < cache.length[:, None])[:, None, :],
-                (tokens.shape[0], tokens.shape[1], cache.max_len),
-            )
-        layer_prefix = None
-        if adapter is not None:
-            layer_prefix = (adapter["prefix_keys"], adapter["prefix_values"])
-            if prefix_visible is None:
-                raise ValueError("prefix_visible is required when an adapter is given")
+        if (cache_kv is None) != (cache_mask is None) or (prefix is None) != (prefix_visible is None):
+            raise ValueError("cache_kv needs cache_mask and prefix needs prefix_visible")
+        x = nn.with_logical_constraint(embeds.astype(self.config.dtype), ("batch", "seq", "embed"))
         broadcast = (positions, self_mask, cache_mask, prefix_visible)
         if self.config.scan_layers:
-            x, new_kv = self.layers(x, layer_cache, layer_prefix, *broadcast)
+            x, new_kv = self.layers(x, cache_kv, prefix, *broadcast)
         else:
-            x, new_kv = self._unrolled_layers(x, layer_cache, layer_prefix, broadcast)
+            x, new_kv = self._unrolled_layers(x, cache_kv, prefix, broadcast)
         return self.norm(x), new_kv
 
     def _unrolled_layers(self, x, layer_cache, layer_prefix, broadcast):
@@ -214,14 +201,25 @@ def causal_mask(batch: int, length: int) -> jax.Array:
     return jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
 
 
+def forward(
+    model: LlamaModel, params, tokens: jax.Array, positions: jax.Array, self_mask: jax.Array, **kwargs
+) -> tuple[jax.Array, KeysValues]:
+    """The base model over token ids [B, T]: `embed`, then the decoder (kwargs as in `__call__`)."""
+    embeds = model.apply({"params": params}, tokens, method="embed")
+    return model.apply({"params": params}, embeds, positions, self_mask, **kwargs)
+
+
+def _init_model(model: LlamaModel, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    embeds = jnp.zeros((1, 1, model.config.hidden_size), model.config.dtype)
+    return model.init(rng, embeds, tokens, causal_mask(1, 1))["params"]
+
+
 def abstract_params(config: ModelConfig):
     """Param tree of `nn.LogicallyPartitioned` boxes around ShapeDtypeStructs (no memory)."""
-    model = LlamaModel(config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, causal_mask(1, 1))["params"]
+    return jax.eval_shape(functools.partial(_init_model, LlamaModel(config)), jax.random.key(0))
 
 
 def init_params(config: ModelConfig, rng: jax.Array):
     """Randomly initialised params (unboxed), N(0, 0.02) like HF's initializer_range."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.unbox(LlamaModel(config).init(rng, tokens, tokens, causal_mask(1, 1))["params"])
+    return nn.unbox(_init_model(LlamaModel(config), rng))

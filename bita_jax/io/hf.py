@@ -19,8 +19,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from bita_jax.config import ConfigError, ModelConfig
-from bita_jax.llama import abstract_params
+from bita_jax.config import ModelConfig
+from bita_jax.errors import ConfigError
+from bita_jax.models.llama import abstract_params
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

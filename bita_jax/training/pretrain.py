@@ -18,8 +18,8 @@ import optax
 from tqdm import tqdm
 
 from bita_jax.config import ModelConfig, OptimizerConfig
-from bita_jax.llama import LlamaModel, causal_mask
-from bita_jax.training import make_optimizer
+from bita_jax.models.llama import LlamaModel, causal_mask
+from bita_jax.training.optimizer import make_optimizer
 
 
 def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""BiTA itself: the adapter (prompt prefix and mask tokens), the draft tree, the training format."""

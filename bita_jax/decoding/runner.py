@@ -1,0 +1,132 @@
+"""The host side of decoding: batching and padding, compiling once per shape, and timing.
+
+A runner takes a jitted generate function of decoding/loop.py (`(weights, tokens, prompt_lens,
+streams) -> GenerationState`), compiles it ahead of time for every (batch, bucket) shape the
+prompts need, then runs the batches and times them with compiles excluded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from bita_jax.config import ModelConfig
+from bita_jax.decoding.loop import GenerationState
+from bita_jax.errors import ConfigError
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's result on the host."""
+
+    output_ids: list[int]
+    steps: int
+    seconds: float
+
+
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: the next power of two (at least MIN_BUCKET), so few compiles serve all."""
+    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+def check_lengths(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int) -> None:
+    """Refuses, before any compile, prompts that cannot fit the model's positions."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if min(prompt_lens) < 1:
+        raise ConfigError("empty prompt: at least one token is needed")
+    longest = max(prompt_lens)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ConfigError(
+            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{config.max_position_embeddings} positions"
+        )
+
+
+def pad_batch(
+    prompts: list[list[int]], first_index: int, batch_size: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-pads up to batch_size prompts to their bucket; missing rows repeat the last prompt.
+
+    Returns tokens [B, T], prompt lengths [B] and streams [B] (each row's prompt index in the
+    whole input, starting at first_index for the first prompt).
+    """
+    rows = prompts + [prompts[-1]] * (batch_size - len(prompts))
+    bucket = prompt_bucket(max(len(p) for p in rows))
+    tokens = np.full((batch_size, bucket), pad_id, np.int32)
+    for i, p in enumerate(rows):
+        tokens[i, : len(p)] = p
+    streams = first_index + np.minimum(np.arange(batch_size), len(prompts) - 1)
+    return tokens, np.asarray([len(p) for p in rows], np.int32), streams.astype(np.int32)
+
+
+def batches(prompts: list[list[int]], batch_size: int, pad_id: int):
+    """(number of real prompts, tokens, prompt_lens, streams) per batch, in input order."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        yield len(chunk), *pad_batch(chunk, start, batch_size, pad_id)
+
+
+class CompiledByShape:
+    """Compiles a jitted function ahead of time once per input shape and records compile time.
+
+    Calling it runs the compiled executable, so timings taken around calls exclude compiles as
+    long as `prepare` was called for the shape first.
+    """
+
+    def __init__(self, jitted: Callable):
+        self.jitted = jitted
+        self.executables: dict[Any, Any] = {}
+        self.compile_seconds = 0.0
+
+    @staticmethod
+    def _key(args) -> Any:
+        return tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+
+    def prepare(self, *args) -> None:
+        key = self._key(args)
+        if key not in self.executables:
+            t0 = time.perf_counter()
+            self.executables[key] = self.jitted.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+
+    def __call__(self, *args):
+        self.prepare(*args)
+        return self.executables[self._key(args)](*args)
+
+
+def generate(
+    compiled: CompiledByShape,
+    weights,
+    prompts: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+    on_batch: Callable[[GenerationState, int], None] | None = None,
+) -> tuple[list[Generation], float]:
+    """Compiles every (batch, bucket) shape first, then runs the prompts in batches.
+
+    Returns one Generation per prompt (in input order; `seconds` is its batch's wall time split
+    evenly) and the decoding seconds of all batches, compiles excluded.
+    """
+    for _, tokens, lens, streams in batches(prompts, batch_size, pad_id):
+        compiled.prepare(weights, tokens, lens, streams)
+    results: list[Generation] = []
+    total = 0.0
+    for count, tokens, lens, streams in batches(prompts, batch_size, pad_id):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(compiled(weights, tokens, lens, streams))
+        seconds = time.perf_counter() - t0
+        total += seconds
+        out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
+        if on_batch is not None:
+            on_batch(state, count)
+        results += [
+            Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds / count) for i in range(count)
+        ]
+    return results, total

@@ -1,0 +1,11 @@
+"""Errors that describe bad input rather than a bug: the CLIs report them as one `error: ...` line."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem (bad option, unsupported model, mismatched adapter, ...)."""
+
+
+class UserError(ConfigError):
+    """Bad input from the user (missing file, malformed data line, ...)."""

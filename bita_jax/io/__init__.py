@@ -1,0 +1,1 @@
+"""Files: Hugging Face checkpoints, BiTA adapter files, orbax training checkpoints, GGUF conversion."""

@@ -1,0 +1,1 @@
+"""The LLaMA model: layers (norms, rotary embeddings, attention) and the decoder."""

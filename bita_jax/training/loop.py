@@ -1,0 +1,162 @@
+"""The resumable training loop: data stream, jitted steps, metrics, orbax checkpoints, the adapter.
+
+`run(TrainConfig)` trains the adapter, resuming from OUTPUT/checkpoints, and writes OUTPUT/adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from bita_jax.bita.adapter import init_adapter
+from bita_jax.config import TrainConfig
+from bita_jax.errors import ConfigError
+from bita_jax.io.adapter_files import save_adapter
+from bita_jax.io.hf import load_config, load_params
+from bita_jax.sharding import make_mesh, rules_from_overrides
+from bita_jax.training import data
+from bita_jax.training.optimizer import make_optimizer
+from bita_jax.training.step import TrainState, make_train_step, step_shardings
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_dtype(dtype: str) -> str:
+    """ "auto": bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow and inexact)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def check_batch(cfg: TrainConfig, mesh: Mesh) -> int:
+    """Validates batch divisibility against the mesh and hosts; returns the micro-batch size."""
+    micro = cfg.batch_size // cfg.optimizer.grad_accum
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % shards:
+        raise ConfigError(
+            f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum {cfg.optimizer.grad_accum}) "
+            f"must be a multiple of data*fsdp = {shards}"
+        )
+    if micro % jax.process_count():
+        raise ConfigError(f"micro-batch {micro} must be a multiple of the {jax.process_count()} hosts")
+    return micro
+
+
+def global_batch(
+    local: dict[str, np.ndarray], grad_accum: int, sharding: NamedSharding
+) -> dict[str, jax.Array]:
+    """This host's [b, T] rows -> global [A, B, T] arrays (each host contributes its slice of B)."""
+    out = {}
+    for name, value in local.items():
+        local_ab = value.reshape(grad_accum, -1, value.shape[-1])
+        shape = (grad_accum, local_ab.shape[1] * jax.process_count(), value.shape[-1])
+        out[name] = jax.make_array_from_process_local_data(sharding, local_ab, shape)
+    return out
+
+
+def agreed_length(stream: data.BatchStream, sequences: list[dict[str, np.ndarray]]) -> int:
+    """The bucket for this step, the same on every host (the longest any host needs)."""
+    length = data.bucket_for(max(len(s["tokens"]) for s in sequences), stream.buckets)
+    if jax.process_count() > 1:
+        length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    return length
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains the adapter, resuming from OUTPUT/checkpoints, and writes OUTPUT/adapter.
+
+    Returns the last logged metrics (with `step`).
+    """
+    # orbax is imported only by training runs.
+    from bita_jax.io import orbax_checkpoint as checkpoint
+
+    if not cfg.model:
+        raise ConfigError("no model given (--model DIR)")
+    if not cfg.output:
+        raise ConfigError("no output directory given (--output DIR)")
+    model_cfg = load_config(cfg.model, dtype=resolve_dtype(cfg.dtype), remat=cfg.remat)
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_from_overrides(cfg.sharding_rules)
+    check_batch(cfg, mesh)
+    M = cfg.bita.num_mask_tokens
+
+    shard = (jax.process_index(), jax.process_count())
+    examples = data.read_examples(cfg.data, cfg.model, model_cfg.eos_token_ids[0], shard)
+    num_examples = int(np.sum(multihost_utils.process_allgather(np.int64(len(examples)))))
+    steps_per_epoch = max(1, num_examples // cfg.batch_size)
+    total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
+    local_batch = cfg.batch_size // jax.process_count()
+    stream = data.BatchStream(
+        examples, local_batch, steps_per_epoch, cfg.data, model_cfg.vocab_size, M, model_cfg.pad_id, cfg.seed
+    )
+
+    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
+    adapter = init_adapter(model_cfg, cfg.bita, jax.random.key(cfg.seed))
+    sh = step_shardings(model_cfg, optimizer, adapter, mesh, rules)
+    adapter = jax.device_put(adapter, sh.state.adapter)
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), sh.state.step),
+        adapter=adapter,
+        opt_state=jax.jit(optimizer.init, out_shardings=sh.state.opt_state)(adapter),
+    )
+    position = {"epoch": 0, "index": 0}
+    os.makedirs(cfg.output, exist_ok=True)
+    mngr = checkpoint.manager(os.path.join(cfg.output, CHECKPOINT_DIR), cfg.keep_checkpoints)
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(state, sh.state))
+    if restored is not None:
+        state, position = restored
+    start = int(state.step)
+    base = load_params(cfg.model, model_cfg, sh.base)
+    train_step = make_train_step(
+        model_cfg, cfg.bita, optimizer, schedule, cfg.data.max_groups * M, cfg.seed, sh
+    )
+
+    metrics_path = os.path.join(cfg.output, METRICS_FILE)
+    last: dict[str, Any] = {"step": start}
+    is_main = jax.process_index() == 0
+    bar = tqdm(total=total_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+    tokens_since, clock = 0, time.perf_counter()
+    with open(metrics_path, "a") if is_main else open(os.devnull, "w") as log:
+        for step in range(start, total_steps):
+            sequences = stream.sequences(position["epoch"], position["index"])
+            local = data.collate(sequences, agreed_length(stream, sequences), model_cfg.pad_id)
+            tokens_since += sum(len(s["tokens"]) for s in sequences) * jax.process_count()
+            state, metrics = train_step(state, base, global_batch(local, cfg.optimizer.grad_accum, sh.batch))
+            epoch, index = stream.advance(position["epoch"], position["index"])
+            position = {"epoch": epoch, "index": index}
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                last = {
+                    "step": done,
+                    "loss": float(m["loss"]),
+                    "mask_acc": [round(float(a), 4) for a in m["mask_acc"]],
+                    "tokens_per_s": round(tokens_since / (now - clock), 1),
+                    "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "epoch": epoch,
+                }
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=last["mask_acc"])
+                tokens_since, clock = 0, now
+            bar.update(1)
+            if done % cfg.save_every == 0 or done == total_steps:
+                checkpoint.save(mngr, done, state, position)
+    bar.close()
+    mngr.wait_until_finished()
+    save_adapter(os.path.join(cfg.output, ADAPTER_DIR), state.adapter, cfg.bita, cfg.model)
+    return last

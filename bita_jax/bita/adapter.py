@@ -71,8 +71,8 @@ def embed(model: LlamaModel, params, tokens: jax.Array, adapter: Adapter) -> jax
     """[B, T] ids -> [B, T, D] embeddings; mask id V + k takes the adapter's mask embedding k."""
     vocab = model.config.vocab_size
     mask_emb = adapter["mask_embeddings"].astype(model.config.dtype)
-    base = model.apply({"params": params}, jnp.clip(tokens, 0, vocab - 1), method="embed")
-    masks = jnp.take(mask_emb, jnp.clip(tokens - vocab, 0, mask_emb.shape[0] - 1), axis=0)
+    base = model.apply({"params": params}, tokens, method="embed")
+    masks = jnp.take(mask_emb, tokens - vocab, axis=0, mode="clip")
     return jnp.where((tokens >= vocab)[..., None], masks, base)
 
 

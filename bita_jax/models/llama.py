@@ -141,8 +141,12 @@ class LlamaModel(nn.Module):
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """[B, T] ids in [0, V) -> [B, T, D] embeddings in the config dtype."""
-        return jnp.take(self.embed_tokens, tokens, axis=0)
+        """[B, T] ids -> [B, T, D] embeddings in the config dtype.
+
+        Ids outside [0, V) are clipped rather than filled with NaN: a NaN row would reach every
+        row through the attention's zero-weighted sums (0 * NaN).
+        """
+        return jnp.take(self.embed_tokens, tokens, axis=0, mode="clip")
 
     def __call__(
         self,

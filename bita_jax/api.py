@@ -20,7 +20,7 @@ from bita_jax.bita.adapter import Adapter, place_adapter
 from bita_jax.bita.tree import DEFAULT_TREE, DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
 from bita_jax.decoding import loop, runner
-from bita_jax.decoding.acceptance import GREEDY
+from bita_jax.decoding.sampling import Sampler
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import abstract_params
@@ -38,6 +38,7 @@ class Run:
     """
 
     mode: str
+    sampler: Sampler
     records: list[dict[str, Any]]
     generations: list[runner.Generation]
     seconds: float
@@ -86,8 +87,15 @@ class Model:
         tree: str = DEFAULT_TREE,
         batch_size: int = 1,
         chat: bool = False,
-    ) -> tuple[str, DraftTree | None, list[list[int]]]:
-        """Validates a request: (mode, draft tree or None, prompt ids)."""
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> tuple[str, DraftTree | None, Sampler, list[list[int]]]:
+        """Validates a request: (mode, draft tree or None, sampler, prompt ids)."""
+        sampler = Sampler(temperature, top_k, top_p)
+        if not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ConfigError(f"seed must be an integer in [0, 2**31), got {seed!r}")
         mode = mode or ("bita" if self.adapter is not None else "ar")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -104,7 +112,7 @@ class Model:
             draft_tree = parse_tree(tree, self.bita_config.num_mask_tokens)
         prompt_ids = self.encode(prompts, chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], max_new_tokens)
-        return mode, draft_tree, prompt_ids
+        return mode, draft_tree, sampler, prompt_ids
 
     def run(
         self,
@@ -114,6 +122,10 @@ class Model:
         tree: str = DEFAULT_TREE,
         batch_size: int = 1,
         chat: bool = False,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
         on_batch: Callable[[int], None] | None = None,
     ) -> Run:
         """Decodes prompts with AR or BiTA.
@@ -125,10 +137,15 @@ class Model:
           tree: BiTA draft tree spec (`upper:K`, `chain` or JSON rank paths).
           batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
           chat: wrap prompts in the tokenizer's chat template.
+          temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature),
+            after top-k (0: off) and top-p (1: off), as transformers' `generate` does. BiTA's
+            sampled output equals AR's for the same options and seed.
+          seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
           on_batch: called with the number of prompts after each finished batch (progress).
         """
-        mode, draft_tree, prompt_ids = self._plan(prompts, max_new_tokens, mode, tree, batch_size, chat)
-        policy = GREEDY
+        mode, draft_tree, policy, prompt_ids = self._plan(
+            prompts, max_new_tokens, mode, tree, batch_size, chat, temperature, top_k, top_p, seed
+        )
         if mode == "bita":
             key = ("bita", draft_tree, max_new_tokens, policy)
             make = lambda: loop.make_bita_generate(self.config, draft_tree, max_new_tokens, policy)  # noqa: E731
@@ -151,11 +168,13 @@ class Model:
 
         with mesh_rules(self.mesh):
             generations, seconds = runner.generate(
-                compiled, weights, prompt_ids, batch_size, self.config.pad_id, batch_done
+                compiled, weights, prompt_ids, batch_size, self.config.pad_id, seed, batch_done
             )
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         return Run(
             mode=mode,
-            records=result_records(self.tokenizer, prompts, prompt_ids, generations),
+            sampler=policy,
+            records=result_records(self.tokenizer, prompts, prompt_ids, generations, sampling),
             generations=generations,
             seconds=seconds,
             compile_seconds=compiled.compile_seconds - compile_before,
@@ -165,9 +184,13 @@ class Model:
 
 
 def result_records(
-    tokenizer, texts: list[str], prompt_ids: list[list[int]], generations: list[runner.Generation]
+    tokenizer,
+    texts: list[str],
+    prompt_ids: list[list[int]],
+    generations: list[runner.Generation],
+    sampling: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One output record per prompt, in input order."""
+    """One output record per prompt, in input order, with the sampling options that made it."""
     return [
         {
             "prompt": text,
@@ -177,6 +200,7 @@ def result_records(
             "new_tokens": len(gen.output_ids),
             "steps": gen.steps,
             "seconds": round(gen.seconds, 6),
+            **sampling,
         }
         for text, ids, gen in zip(texts, prompt_ids, generations, strict=True)
     ]

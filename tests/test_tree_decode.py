@@ -14,8 +14,8 @@ from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig
 from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
-from bita_jax.decoding.acceptance import GREEDY
 from bita_jax.decoding.cache import CACHE_AXES, KVCache
+from bita_jax.decoding.sampling import GREEDY
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
 from bita_jax.io import hf
 from bita_jax.models.llama import LlamaModel, abstract_params, causal_mask

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
     )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; > 0: sample (default: %(default)s)"
+    )
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -86,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         scan_layers=args.scan_layers,
     )
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=args.tree
-    )
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=args.tree,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
     model.check(texts, mode=args.mode, **options)  # bad input fails before the progress bar shows
     # Records own stdout unless --output is given; reports go wherever they do not.
     out = sys.stdout if args.output else sys.stderr

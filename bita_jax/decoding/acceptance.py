@@ -1,39 +1,19 @@
-"""Acceptance: which token the base model emits at each verified row, and how far a tree matches.
+"""Acceptance: how far a draft tree matches the tokens the base model emits ("sample, then match").
 
-A policy turns verify logits into the token the base model emits at each row (`choose`); the walk
-then follows the tree from the root into the child whose token equals the emitted token, as far as
-it goes. The walk is the same for every policy: with greedy choice it is greedy verification, and a
-policy whose choice at a row depends only on that row's logits and absolute position keeps BiTA's
-output identical to AR's under the same policy.
+The policy (decoding/sampling.py: greedy or sampled) chooses the token the base model emits after
+each verified row; the walk then follows the tree from the root into the child whose token equals
+the chosen token, as far as it goes, and the token chosen at the last row reached is the bonus.
+The walk is the same for every policy: with greedy choice it is greedy verification, and since a
+choice depends only on its row's logits, seed, prompt and absolute position, BiTA's output equals
+AR's under the same policy and seed (method note: shared/docs/bita-sampling.md).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from bita_jax.bita.tree import DraftTree
-
-
-@dataclasses.dataclass(frozen=True)
-class Greedy:
-    """Greedy decoding: the emitted token is the argmax of the logits."""
-
-    def choose(self, logits: jax.Array, positions: jax.Array, streams: jax.Array) -> jax.Array:
-        """Tokens [B, T] int32 emitted after rows with logits [B, T, V].
-
-        Args:
-          logits: [B, T, V] float32.
-          positions: [B, T] absolute positions of the tokens being chosen (unused by greedy).
-          streams: [B] the prompt index of each row in the caller's input (unused by greedy).
-        """
-        del positions, streams
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-GREEDY = Greedy()
 
 
 def walk(tree: DraftTree, node_tokens: jax.Array, chosen: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from bita_jax.bita.tree import DraftTree
 from bita_jax.config import ModelConfig
-from bita_jax.decoding.acceptance import GREEDY
 from bita_jax.decoding.cache import KVCache
+from bita_jax.decoding.sampling import GREEDY, Sampler
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
 from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
@@ -50,7 +50,7 @@ def prefill(model: LlamaModel, params, tokens: jax.Array, prompt_lens: jax.Array
 
 
 def ar_next(
-    model: LlamaModel, policy, params, cache: KVCache, pending: jax.Array, streams: jax.Array
+    model: LlamaModel, policy: Sampler, params, cache: KVCache, pending: jax.Array, streams: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Feeds pending [B] after the cache: the chosen next tokens [B] and pending's keys/values
     [L, B, 1, K, H] (not yet committed)."""
@@ -65,14 +65,14 @@ def ar_next(
 
 
 def ar_step(
-    model: LlamaModel, policy, params, cache: KVCache, pending: jax.Array, streams: jax.Array
+    model: LlamaModel, policy: Sampler, params, cache: KVCache, pending: jax.Array, streams: jax.Array
 ) -> tuple[jax.Array, KVCache]:
     """One AR step that commits pending [B]: returns the chosen next tokens [B] and the cache."""
     next_tokens, (k, v) = ar_next(model, policy, params, cache, pending, streams)
     return next_tokens, cache.commit(k, v, jnp.ones_like(cache.length))
 
 
-def make_ar_step(config: ModelConfig, policy=GREEDY) -> Callable:
+def make_ar_step(config: ModelConfig, policy: Sampler = GREEDY) -> Callable:
     """Jitted AR step `(params, cache, pending, streams) -> (next, cache)` with the cache donated."""
     model = LlamaModel(config)
     return jax.jit(functools.partial(ar_step, model, policy), donate_argnums=(1,))
@@ -85,7 +85,7 @@ class GenerationState:
     Attributes:
       cache: committed tokens except each row's pending one.
       pending: [B] the newest committed token, fed first by the next step.
-      streams: [B] int32 prompt index of each row in the caller's input (the policy's key).
+      streams: [B, 2] int32 (seed, prompt index in the caller's input) of each row: its noise key.
       output: [B, max_new + R] generated ids; row b's first num_generated[b] are final.
       num_generated: [B] int32.
       done: [B] bool, the row hit EOS or max_new_tokens; finished rows never change again.
@@ -173,7 +173,7 @@ def run_loop(
     return jax.lax.while_loop(lambda s: (~s.done.all()) & (s.steps < max_steps), step, state)
 
 
-def ar_loop_step(model: LlamaModel, policy, params, max_new_tokens: int, state: GenerationState):
+def ar_loop_step(model: LlamaModel, policy: Sampler, params, max_new_tokens: int, state: GenerationState):
     """One AR step of the generation loop: choose, record, commit the pending token if running."""
     next_tokens, (k, v) = ar_next(model, policy, params, state.cache, state.pending, state.streams)
     state, keep = record_tokens(
@@ -187,8 +187,8 @@ def ar_loop_step(model: LlamaModel, policy, params, max_new_tokens: int, state: 
     )
 
 
-def make_ar_generate(config: ModelConfig, max_new_tokens: int, policy=GREEDY) -> Callable:
-    """Jitted `(params, tokens [B, T], prompt_lens [B], streams [B]) -> GenerationState`:
+def make_ar_generate(config: ModelConfig, max_new_tokens: int, policy: Sampler = GREEDY) -> Callable:
+    """Jitted `(params, tokens [B, T], prompt_lens [B], streams [B, 2]) -> GenerationState`:
     prefill + AR loop."""
     model = LlamaModel(config)
 
@@ -250,8 +250,10 @@ def bita_loop_step(
     )
 
 
-def make_bita_generate(config: ModelConfig, tree: DraftTree, max_new_tokens: int, policy=GREEDY) -> Callable:
-    """Jitted `((params, adapter), tokens [B, T], prompt_lens [B], streams [B]) -> GenerationState`.
+def make_bita_generate(
+    config: ModelConfig, tree: DraftTree, max_new_tokens: int, policy: Sampler = GREEDY
+) -> Callable:
+    """Jitted `((params, adapter), tokens [B, T], prompt_lens [B], streams [B, 2]) -> GenerationState`.
 
     Prefill, then tree steps in one on-device loop; `state.steps` counts tree steps and
     `state.extra` is a BiTACarry with per-level acceptance counts.
@@ -270,7 +272,7 @@ def make_bita_generate(config: ModelConfig, tree: DraftTree, max_new_tokens: int
     return jax.jit(generate)
 
 
-def make_bita_step(config: ModelConfig, tree: DraftTree, policy=GREEDY) -> Callable:
+def make_bita_step(config: ModelConfig, tree: DraftTree, policy: Sampler = GREEDY) -> Callable:
     """Jitted tree step `(params, adapter, cache, pending, drafts, streams) -> TreeStepResult`."""
     model = LlamaModel(config)
     return jax.jit(functools.partial(tree_step, model, tree, policy))

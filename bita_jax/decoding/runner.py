@@ -16,6 +16,7 @@ import numpy as np
 
 from bita_jax.config import ModelConfig
 from bita_jax.decoding.loop import GenerationState
+from bita_jax.decoding.sampling import streams_for
 from bita_jax.errors import ConfigError
 
 MIN_BUCKET = 16
@@ -50,27 +51,27 @@ def check_lengths(config: ModelConfig, prompt_lens: list[int], max_new_tokens: i
 
 
 def pad_batch(
-    prompts: list[list[int]], first_index: int, batch_size: int, pad_id: int
+    prompts: list[list[int]], first_index: int, batch_size: int, pad_id: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-pads up to batch_size prompts to their bucket; missing rows repeat the last prompt.
 
-    Returns tokens [B, T], prompt lengths [B] and streams [B] (each row's prompt index in the
-    whole input, starting at first_index for the first prompt).
+    Returns tokens [B, T], prompt lengths [B] and streams [B, 2]: each row's (seed, prompt index
+    in the whole input), the index starting at first_index for the first prompt.
     """
     rows = prompts + [prompts[-1]] * (batch_size - len(prompts))
     bucket = prompt_bucket(max(len(p) for p in rows))
     tokens = np.full((batch_size, bucket), pad_id, np.int32)
     for i, p in enumerate(rows):
         tokens[i, : len(p)] = p
-    streams = first_index + np.minimum(np.arange(batch_size), len(prompts) - 1)
-    return tokens, np.asarray([len(p) for p in rows], np.int32), streams.astype(np.int32)
+    streams = streams_for(seed, first_index + np.minimum(np.arange(batch_size), len(prompts) - 1))
+    return tokens, np.asarray([len(p) for p in rows], np.int32), streams
 
 
-def batches(prompts: list[list[int]], batch_size: int, pad_id: int):
+def batches(prompts: list[list[int]], batch_size: int, pad_id: int, seed: int):
     """(number of real prompts, tokens, prompt_lens, streams) per batch, in input order."""
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        yield len(chunk), *pad_batch(chunk, start, batch_size, pad_id)
+        yield len(chunk), *pad_batch(chunk, start, batch_size, pad_id, seed)
 
 
 class CompiledByShape:
@@ -107,6 +108,7 @@ def generate(
     prompts: list[list[int]],
     batch_size: int,
     pad_id: int,
+    seed: int = 0,
     on_batch: Callable[[GenerationState, int], None] | None = None,
 ) -> tuple[list[Generation], float]:
     """Compiles every (batch, bucket) shape first, then runs the prompts in batches.
@@ -114,11 +116,11 @@ def generate(
     Returns one Generation per prompt (in input order; `seconds` is its batch's wall time split
     evenly) and the decoding seconds of all batches, compiles excluded.
     """
-    for _, tokens, lens, streams in batches(prompts, batch_size, pad_id):
+    for _, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed):
         compiled.prepare(weights, tokens, lens, streams)
     results: list[Generation] = []
     total = 0.0
-    for count, tokens, lens, streams in batches(prompts, batch_size, pad_id):
+    for count, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed):
         t0 = time.perf_counter()
         state = jax.block_until_ready(compiled(weights, tokens, lens, streams))
         seconds = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from bita_jax.bita.adapter import Adapter
 from bita_jax.bita.tree import DraftTree
 from bita_jax.decoding.acceptance import walk
 from bita_jax.decoding.cache import KVCache
+from bita_jax.decoding.sampling import Sampler
 from bita_jax.models.llama import LlamaModel
 
 
@@ -75,7 +76,7 @@ def step_inputs(
 def tree_step(
     model: LlamaModel,
     tree: DraftTree,
-    policy,
+    policy: Sampler,
     params,
     adapter: Adapter,
     cache: KVCache,
@@ -86,8 +87,8 @@ def tree_step(
     """Verifies the tree built from drafts [B, Dt, R] after pending [B] and drafts the next tree.
 
     Args:
-      policy: acceptance policy with `choose(logits, positions, streams)` (decoding/acceptance.py).
-      streams: [B] int32 prompt index of each row in the caller's input (the policy's noise key).
+      policy: the Sampler that chooses the emitted tokens (greedy or sampled).
+      streams: [B, 2] int32 (seed, prompt index) of each row: the policy's noise key.
     """
     config = model.config
     tokens, positions, self_mask, prefix_visible = step_inputs(

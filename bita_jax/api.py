@@ -23,6 +23,7 @@ from bita_jax.decoding import loop, runner
 from bita_jax.decoding.acceptance import GREEDY
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
+from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import make_mesh, mesh_rules, tree_shardings
 
@@ -53,7 +54,7 @@ class Model:
         self,
         config: ModelConfig,
         params,
-        tokenizer,
+        tokenizer: Tokenizer,
         adapter: Adapter | None = None,
         bita_config: BiTAConfig | None = None,
         mesh: Mesh | None = None,
@@ -165,7 +166,7 @@ class Model:
 
 
 def result_records(
-    tokenizer, texts: list[str], prompt_ids: list[list[int]], generations: list[runner.Generation]
+    tokenizer: Tokenizer, texts: list[str], prompt_ids: list[list[int]], generations: list[runner.Generation]
 ) -> list[dict[str, Any]]:
     """One output record per prompt, in input order."""
     return [

@@ -23,6 +23,7 @@ from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
+from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import make_mesh, mesh_rules, tree_shardings
 
@@ -54,7 +55,7 @@ class Model:
         self,
         config: ModelConfig,
         params,
-        tokenizer,
+        tokenizer: Tokenizer,
         adapter: Adapter | None = None,
         bita_config: BiTAConfig | None = None,
         mesh: Mesh | None = None,
@@ -184,7 +185,7 @@ class Model:
 
 
 def result_records(
-    tokenizer,
+    tokenizer: Tokenizer,
     texts: list[str],
     prompt_ids: list[list[int]],
     generations: list[runner.Generation],

@@ -21,6 +21,8 @@ from safetensors.numpy import save_file
 
 from bita_jax.config import ModelConfig
 from bita_jax.errors import ConfigError
+from bita_jax.io import tokenizer as tokenizer_files
+from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 
 SINGLE_FILE = "model.safetensors"
@@ -257,29 +259,11 @@ def save_params(params: dict, config: ModelConfig, out_dir: str, hf_config: dict
 # Tokenizer
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's tokenizer through `transformers.AutoTokenizer` (local files only)."""
-    from transformers import AutoTokenizer
-
-    if not os.path.isdir(model_dir):
-        raise ConfigError(f"model directory not found: {model_dir}")
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {model_dir}: {str(e).splitlines()[0]}") from None
+def load_tokenizer(model_dir: str) -> Tokenizer:
+    """The checkpoint's tokenizer; without transformers (nor torch) when it has `tokenizer.json`."""
+    return tokenizer_files.load_tokenizer(model_dir)
 
 
-def encode_prompts(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
-    """Token ids per prompt: plain `tokenizer(text)` ids, or the chat template with a generation prompt."""
-    if not chat:
-        return [list(tokenizer(text)["input_ids"]) for text in texts]
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--chat was given but the tokenizer has no chat template")
-    ids = []
-    for text in texts:
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        # transformers 5 returns a BatchEncoding here; older versions a plain list.
-        ids.append(list(out["input_ids"] if hasattr(out, "keys") else out))
-    return ids
+def encode_prompts(tokenizer: Tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids per prompt: plain `encode(text)` ids, or the chat template with a generation prompt."""
+    return [tokenizer.encode_chat(text) if chat else tokenizer.encode(text) for text in texts]

@@ -132,7 +132,7 @@ def read_examples(
         tokenizer = load_tokenizer(model_dir)
         sources = encode_prompts(tokenizer, [p for p, _ in with_text], cfg.chat)
         # The response is tokenized on its own, as the reference template does and decode.py emits it.
-        targets = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for _, c in with_text]
+        targets = [tokenizer.encode(c, add_special_tokens=False) for _, c in with_text]
         with_ids.extend(zip(sources, targets, strict=True))
     examples = []
     for source, target in with_ids:

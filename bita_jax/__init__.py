@@ -12,7 +12,7 @@ io; config, sharding and errors are shared by all. See README "Architecture".
 
 from __future__ import annotations
 
-__all__ = ["Model", "Run", "load"]
+__all__ = ["GenerateOptions", "Model", "Run", "load"]
 
 
 def __getattr__(name: str):

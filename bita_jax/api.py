@@ -48,6 +48,33 @@ class Run:
     accepted_per_level: np.ndarray | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Options of `Model.generate` / `Model.run`.
+
+    Attributes:
+      max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
+      mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
+      tree: BiTA draft tree spec (`upper:K`, `chain` or JSON rank paths).
+      batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
+      chat: wrap prompts in the tokenizer's chat template.
+      temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature), after
+        top_k (0: off) and top_p (1: off), as transformers' `generate` does. BiTA's sampled output
+        equals AR's for the same options and seed.
+      seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
+    """
+
+    max_new_tokens: int = 128
+    mode: str | None = None
+    tree: str = DEFAULT_TREE
+    batch_size: int = 1
+    chat: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 class Model:
     """A base model, its tokenizer and optionally a BiTA adapter, placed on one device or a mesh."""
 
@@ -73,31 +100,23 @@ class Model:
         return hf.encode_prompts(self.tokenizer, prompts, chat)
 
     def generate(self, prompts: list[str], **options) -> list[dict[str, Any]]:
-        """Decodes prompts; returns one record per prompt, in input order (options as in `run`)."""
+        """Decodes prompts; returns one record per prompt, in input order (`GenerateOptions`)."""
         return self.run(prompts, **options).records
 
     def check(self, prompts: list[str], **options) -> None:
-        """Raises ConfigError for options or prompts that `run` would refuse, before any compile."""
-        self._plan(prompts, **options)
+        """Raises ConfigError for options (`GenerateOptions` fields) or prompts that `run` would
+        refuse, before any compile."""
+        self._plan(prompts, GenerateOptions(**options))
 
     def _plan(
-        self,
-        prompts: list[str],
-        max_new_tokens: int = 128,
-        mode: str | None = None,
-        tree: str = DEFAULT_TREE,
-        batch_size: int = 1,
-        chat: bool = False,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        self, prompts: list[str], options: GenerateOptions
     ) -> tuple[str, DraftTree | None, Sampler, list[list[int]]]:
         """Validates a request: (mode, draft tree or None, sampler, prompt ids)."""
-        sampler = Sampler(temperature, top_k, top_p)
+        sampler = Sampler(options.temperature, options.top_k, options.top_p)
+        seed, batch_size = options.seed, options.batch_size
         if not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ConfigError(f"seed must be an integer in [0, 2**31), got {seed!r}")
-        mode = mode or ("bita" if self.adapter is not None else "ar")
+        mode = options.mode or ("bita" if self.adapter is not None else "ar")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
@@ -110,43 +129,24 @@ class Model:
         if mode == "bita":
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
-            draft_tree = parse_tree(tree, self.bita_config.num_mask_tokens)
-        prompt_ids = self.encode(prompts, chat)
-        runner.check_lengths(self.config, [len(p) for p in prompt_ids], max_new_tokens)
+            draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
+        prompt_ids = self.encode(prompts, options.chat)
+        runner.check_lengths(self.config, [len(p) for p in prompt_ids], options.max_new_tokens)
         return mode, draft_tree, sampler, prompt_ids
 
-    def run(
-        self,
-        prompts: list[str],
-        max_new_tokens: int = 128,
-        mode: str | None = None,
-        tree: str = DEFAULT_TREE,
-        batch_size: int = 1,
-        chat: bool = False,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        on_batch: Callable[[int], None] | None = None,
-    ) -> Run:
+    def run(self, prompts: list[str], on_batch: Callable[[int], None] | None = None, **options) -> Run:
         """Decodes prompts with AR or BiTA.
 
         Args:
           prompts: prompt texts.
-          max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
-          mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
-          tree: BiTA draft tree spec (`upper:K`, `chain` or JSON rank paths).
-          batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
-          chat: wrap prompts in the tokenizer's chat template.
-          temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature),
-            after top-k (0: off) and top-p (1: off), as transformers' `generate` does. BiTA's
-            sampled output equals AR's for the same options and seed.
-          seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
           on_batch: called with the number of prompts after each finished batch (progress).
+          **options: `GenerateOptions` fields (max_new_tokens, mode, tree, batch_size, chat,
+            temperature, top_k, top_p, seed).
         """
-        mode, draft_tree, policy, prompt_ids = self._plan(
-            prompts, max_new_tokens, mode, tree, batch_size, chat, temperature, top_k, top_p, seed
-        )
+        options = GenerateOptions(**options)
+        mode, draft_tree, policy, prompt_ids = self._plan(prompts, options)
+        max_new_tokens = options.max_new_tokens
+
         if mode == "bita":
             key = ("bita", draft_tree, max_new_tokens, policy)
             make = lambda: loop.make_bita_generate(self.config, draft_tree, max_new_tokens, policy)  # noqa: E731
@@ -169,9 +169,15 @@ class Model:
 
         with mesh_rules(self.mesh):
             generations, seconds = runner.generate(
-                compiled, weights, prompt_ids, batch_size, self.config.pad_id, seed, batch_done
+                compiled,
+                weights,
+                prompt_ids,
+                options.batch_size,
+                self.config.pad_id,
+                options.seed,
+                batch_done,
             )
-        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        sampling = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "seed")}
         return Run(
             mode=mode,
             sampler=policy,

@@ -75,25 +75,19 @@ class GenerateOptions:
     seed: int = 0
 
 
+@dataclasses.dataclass(eq=False)
 class Model:
     """A base model, its tokenizer and optionally a BiTA adapter, placed on one device or a mesh."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        params,
-        tokenizer: Tokenizer,
-        adapter: Adapter | None = None,
-        bita_config: BiTAConfig | None = None,
-        mesh: Mesh | None = None,
-    ):
-        self.config = config
-        self.params = params
-        self.tokenizer = tokenizer
-        self.adapter = adapter
-        self.bita_config = bita_config
-        self.mesh = mesh
-        self._compiled: dict[Any, runner.CompiledByShape] = {}
+    config: ModelConfig
+    params: Any
+    tokenizer: Tokenizer
+    adapter: Adapter | None = None
+    bita_config: BiTAConfig | None = None
+    mesh: Mesh | None = None
+    # Compiled generate functions by (mode, tree, max_new_tokens, sampler); each holds one
+    # executable per input shape.
+    _compiled: dict[Any, runner.CompiledByShape] = dataclasses.field(default_factory=dict, repr=False)
 
     def encode(self, prompts: list[str], chat: bool = False) -> list[list[int]]:
         """Token ids per prompt (`chat` wraps each prompt in the tokenizer's chat template)."""

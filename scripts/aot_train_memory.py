@@ -80,9 +80,9 @@ def main() -> None:
     from bita_jax.io.orbax_checkpoint import abstract_like
     from bita_jax.models.llama import abstract_params
     from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
-    from bita_jax.training import optimizer
     from bita_jax.training import step as train_step
     from bita_jax.training.data import BATCH_FIELDS
+    from bita_jax.training.optimizer import make_optimizer
 
     gib = 1024**3
     print(
@@ -96,7 +96,7 @@ def main() -> None:
         mesh = make_mesh(mesh_cfg, jax.devices()[:n])
         model_cfg = ModelConfig.from_hf_config(hf, dtype="bfloat16", remat=True)
         bita_cfg = BiTAConfig(num_prompt_tokens=16, num_mask_tokens=num_masks)
-        optimizer, schedule = optimizer.make_optimizer(OptimizerConfig(), 1000)
+        optimizer, schedule = make_optimizer(OptimizerConfig(), 1000)
         adapter = bita_adapter.abstract_adapter(model_cfg, bita_cfg)
         sh = train_step.step_shardings(model_cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
         state = train_step.TrainState(

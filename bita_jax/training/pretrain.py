@@ -18,7 +18,7 @@ import optax
 from tqdm import tqdm
 
 from bita_jax.config import ModelConfig, OptimizerConfig
-from bita_jax.models.llama import LlamaModel, causal_mask
+from bita_jax.models.llama import LlamaModel, causal_mask, forward
 from bita_jax.training.optimizer import make_optimizer
 
 
@@ -46,7 +46,7 @@ def next_token_loss(model: LlamaModel, params, windows: jax.Array) -> jax.Array:
     inputs, targets = windows[:, :-1], windows[:, 1:]
     batch, length = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    hidden, _ = model.apply({"params": params}, inputs, positions, causal_mask(batch, length))
+    hidden, _ = forward(model, params, inputs, positions, causal_mask(batch, length))
     logits = model.apply({"params": params}, hidden, method="logits")  # [B, T, V] float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 

@@ -9,8 +9,10 @@ method's "efficient" format (method doc 2.3-2.5):
     position = normal i: i; mask k of group j: S + s_j + k
     label    = mask k of group j: target[s_j + 1 + k]; -100 elsewhere
 
-`build_sequence` writes that metadata with numpy on the host; `attention_mask` turns it into the
-[B, T, T] mask with array ops inside the jitted step.
+`build_sequence` writes that metadata with numpy on the host. `attention_mask` turns it into the
+[B, T, T] mask of one forward over the whole sequence; the train step instead runs the normal
+tokens once as a causal prefill and only the mask rows with the adapter, under
+`mask_row_visibility`, the mask rows' block of the same mask.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def build_sequence(
     }
 
 
+def _own_group_earlier(
+    q_group: jax.Array, q_positions: jax.Array, k_group: jax.Array, k_positions: jax.Array
+) -> jax.Array:
+    """[B, T, S]: key is a mask of the query's own group at a position <= the query's."""
+    same_group = (q_group[:, :, None] == k_group[:, None, :]) & (q_group[:, :, None] != NORMAL)
+    return same_group & (k_positions[:, None, :] <= q_positions[:, :, None])
+
+
 def attention_mask(group: jax.Array, visible_end: jax.Array, positions: jax.Array) -> jax.Array:
     """[B, T, T] training attention mask from per-token metadata (method doc 2.4).
 
@@ -64,6 +74,21 @@ def attention_mask(group: jax.Array, visible_end: jax.Array, positions: jax.Arra
     """
     keys = jnp.arange(group.shape[1])
     sees_normal = (group[:, None, :] == NORMAL) & (keys[None, None, :] < visible_end[:, :, None])
-    same_group = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] != NORMAL)
-    earlier = positions[:, None, :] <= positions[:, :, None]
-    return sees_normal | (same_group & earlier)
+    return sees_normal | _own_group_earlier(group, positions, group, positions)
+
+
+def mask_row_visibility(
+    group: jax.Array, visible_end: jax.Array, positions: jax.Array, normal_len: int
+) -> tuple[jax.Array, jax.Array]:
+    """The mask rows' part of `attention_mask`, split into the prefill block and their own block.
+
+    Args:
+      group, visible_end, positions: [B, R] metadata of the mask rows (padding rows: group NORMAL).
+      normal_len: S, slots of the normal tokens' keys/values; every visible_end <= S.
+
+    Returns:
+      (cache_mask [B, R, S]: normal key s < visible_end, self_mask [B, R, R]: own group, position
+      <= own). Padding rows see no mask row and no mask row sees them.
+    """
+    cache_mask = jnp.arange(normal_len)[None, None, :] < visible_end[:, :, None]
+    return cache_mask, _own_group_earlier(group, positions, group, positions)

@@ -4,7 +4,9 @@ Examples come from a jsonl file as written by decode.py (`prompt_ids` + `output_
 present, so targets are exactly what the model generated) or from any `datasets` dataset with
 prompt/completion text columns, tokenized as decode.py tokenizes prompts. The target is the
 response followed by EOS, so the mask tokens also learn to predict the end. Each example becomes
-one multi-group sequence (bita/training_mask.py); batches are padded to length buckets.
+one multi-group sequence (bita/training_mask.py); batches are padded to length buckets with room
+for the batch's longest normal part plus all G * M mask rows (the train step reads the normal part
+from the first T - G * M slots).
 """
 
 from __future__ import annotations
@@ -173,7 +175,10 @@ def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     for bucket in buckets:
         if length <= bucket:
             return bucket
-    raise UserError(f"training sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
+    raise UserError(
+        f"a training batch needs {length} tokens (longest normal part + max_groups * M), "
+        f"more than the largest bucket {buckets[-1]}"
+    )
 
 
 def collate(sequences: list[dict[str, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -242,12 +247,28 @@ class BatchStream:
             )
         return out
 
+    def needed_length(self, sequences: list[dict[str, np.ndarray]]) -> int:
+        """Tokens a batch needs: its longest normal part plus R = G * M mask rows.
+
+        The train step runs the first T - R slots as the normal part and gathers R rows from where
+        each sequence's masks start, so a sequence with fewer groups still needs the full R.
+        """
+        num_rows = self.cfg.max_groups * self.num_masks
+        return max(int(np.sum(s["group"] == NORMAL)) for s in sequences) + num_rows
+
     def batch(self, epoch: int, index: int, length: int | None = None) -> dict[str, np.ndarray]:
-        """Batch [local_batch, T] at a data position; T is the bucket of the longest sequence
-        unless given (hosts agree on one length)."""
+        """Batch [local_batch, T] at a data position; T is the bucket of `needed_length` unless
+        given (hosts agree on one length).
+
+        Raises:
+          UserError: a given length shorter than `needed_length`.
+        """
         sequences = self.sequences(epoch, index)
+        needed = self.needed_length(sequences)
         if length is None:
-            length = bucket_for(max(len(s["tokens"]) for s in sequences), self.buckets)
+            length = bucket_for(needed, self.buckets)
+        if length < needed:
+            raise UserError(f"batch length {length} < {needed} (longest normal part + max_groups * M)")
         return collate(sequences, length, self.pad_id)
 
     def advance(self, epoch: int, index: int) -> tuple[int, int]:

@@ -68,7 +68,7 @@ def global_batch(
 
 def agreed_length(stream: data.BatchStream, sequences: list[dict[str, np.ndarray]]) -> int:
     """The bucket for this step, the same on every host (the longest any host needs)."""
-    length = data.bucket_for(max(len(s["tokens"]) for s in sequences), stream.buckets)
+    length = data.bucket_for(stream.needed_length(sequences), stream.buckets)
     if jax.process_count() > 1:
         length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
     return length

@@ -1,5 +1,9 @@
 """The BiTA train step: the loss on the mask rows and the jitted, sharded update.
 
+The loss is split like a decoding step: the normal tokens run once through the frozen model as a
+prefill (no gradient), and only the G * M mask rows run with the adapter, attending to the
+prefill's keys/values under the training visibility; only they are differentiated.
+
 Only the adapter (prefix keys/values, mask embeddings; float32) gets gradients and optimizer
 state; the base params are frozen, stay in the config dtype and are never donated. The step takes
 a batch of `optimizer.grad_accum` micro-batches [A, B, T] and scans over them, so accumulation is
@@ -20,9 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita.adapter import adapter_shardings
-from bita_jax.bita.training_mask import IGNORE, NORMAL, attention_mask
+from bita_jax.bita.training_mask import IGNORE, NORMAL, mask_row_visibility
 from bita_jax.config import BiTAConfig, ModelConfig
-from bita_jax.models.llama import LlamaModel, abstract_params
+from bita_jax.decoding.cache import CACHE_AXES
+from bita_jax.models.llama import KeysValues, LlamaModel, abstract_params, causal_mask, forward
 from bita_jax.sharding import Rules, logical_sharding, replicated, tree_shardings
 
 BATCH_AXES = (None, "batch", "seq")  # [A, B, T]: micro-batches, sequences, tokens
@@ -38,15 +43,34 @@ class TrainState:
 
 
 def mask_rows(group: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    """Indices [B, R] of each sequence's mask rows (contiguous at its end) and their validity [B, R].
+    """Indices [B, R] of each sequence's mask rows (contiguous after its normal part), validity [B, R].
 
-    R = min(G * M, T) is static, so only these rows reach the LM head, not all T.
+    R is static: rows past a sequence's own masks are its padding (the batch has room, see `loss_terms`).
     """
     is_mask = group >= 0  # [B, T]
     start = jnp.argmax(is_mask, axis=1)  # [B] first mask row (0 when there is none, count is 0)
     r = jnp.arange(num_rows)
-    rows = jnp.minimum(start[:, None] + r[None, :], group.shape[1] - 1)
-    return rows, r[None, :] < is_mask.sum(axis=1)[:, None]
+    return start[:, None] + r[None, :], r[None, :] < is_mask.sum(axis=1)[:, None]
+
+
+def normal_keys_values(model: LlamaModel, base: Any, tokens: jax.Array, normal_len: int) -> KeysValues:
+    """(a) The frozen model over the first S = normal_len tokens, causal: each layer's keys/values.
+
+    A prefill, as decoding's: normal rows never see the adapter, so these are constants of the
+    loss (no gradient, no saved activations). Slots past a sequence's normal part hold its masks or
+    padding as plain tokens; the mask rows' cache mask never shows them.
+
+    Args:
+      tokens: [B, T] ids, T >= S.
+
+    Returns:
+      (k, v) [L, B, S, K, H], sharded like a decoding cache.
+    """
+    batch = tokens.shape[0]
+    positions = jnp.broadcast_to(jnp.arange(normal_len, dtype=jnp.int32), (batch, normal_len))
+    _, kv = forward(model, base, tokens[:, :normal_len], positions, causal_mask(batch, normal_len))
+    k, v = (nn.with_logical_constraint(jax.lax.stop_gradient(x), CACHE_AXES) for x in kv)
+    return k, v
 
 
 def loss_terms(
@@ -59,24 +83,51 @@ def loss_terms(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed unshifted cross-entropy over mask rows, and counts for the metrics.
 
+    The normal tokens run once without the adapter (`normal_keys_values`); only the R mask rows run
+    with it, attending to those keys/values, their own group and the prefix, so only they carry
+    activations for the backward pass. Equal to one forward over the whole sequence under
+    `attention_mask` (tests/single_forward.py), within float rounding.
+
     Args:
-      batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py).
-      num_rows: R, the static number of mask rows gathered per sequence.
+      batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py);
+        every sequence's normal part fits in the first T - R slots (`data.BatchStream` pads so).
+      num_rows: R < T, the static number of mask rows gathered per sequence.
 
     Returns:
       (sum of per-label NLL [] f32, {"labels": [] count, "correct": [M], "count": [M]}).
     """
-    mask = attention_mask(batch["group"], batch["visible_end"], batch["positions"])
-    hidden, _ = bita_adapter.forward(
-        model, base, adapter, batch["tokens"], batch["positions"], mask, batch["group"] != NORMAL
-    )
-    rows, valid = mask_rows(batch["group"], min(num_rows, batch["tokens"].shape[1]))
+    normal_len = batch["tokens"].shape[1] - num_rows
+    if normal_len < 1:
+        raise ValueError(
+            f"sequence length {batch['tokens'].shape[1]} leaves no room beside {num_rows} mask rows"
+        )
+    cache_kv = normal_keys_values(model, base, batch["tokens"], normal_len)
+    rows, valid = mask_rows(batch["group"], num_rows)
     take = lambda x: jnp.take_along_axis(x, rows, axis=1)  # noqa: E731  [B, T] -> [B, R]
+    group, positions, visible_end = take(batch["group"]), take(batch["positions"]), take(batch["visible_end"])
+    cache_mask, self_mask = mask_row_visibility(group, visible_end, positions, normal_len)
+    hidden, _ = bita_adapter.forward(
+        model, base, adapter, take(batch["tokens"]), positions, self_mask, group != NORMAL,
+        cache_kv=cache_kv, cache_mask=cache_mask,
+    )  # fmt: skip
     labels = take(batch["labels"])
-    valid = valid & (labels != IGNORE)
-    offset = take(batch["positions"] - batch["visible_end"])  # mask k of its group
-    h = jnp.take_along_axis(hidden, rows[..., None], axis=1)  # [B, R, D]
-    logits = model.apply({"params": base}, h, method="logits")  # [B, R, V] f32
+    return mask_row_loss(
+        model, base, hidden, labels, valid & (labels != IGNORE), positions - visible_end, num_masks
+    )
+
+
+def mask_row_loss(
+    model: LlamaModel,
+    base: Any,
+    hidden: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    offset: jax.Array,
+    num_masks: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(c) The LM head on the mask rows' hidden [B, R, D]: summed NLL of the valid [B, R] labels [B, R],
+    and per mask offset [B, R] (k of its group) the counts for `loss_terms`."""
+    logits = model.apply({"params": base}, hidden, method="logits")  # [B, R, V] f32
     safe = jnp.where(valid, labels, 0)
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == labels) & valid
@@ -137,10 +188,12 @@ def make_train_step(
     num_rows: int,
     seed: int,
     shardings: StepShardings,
+    loss: Callable = loss_terms,
 ) -> Callable:
     """Jitted `(state, base, batch [A, B, T]) -> (state, metrics)`; the state is donated, the base never.
 
     Metrics: loss (mean NLL over label tokens), mask_acc [M], lr, grad_norm, label_tokens.
+    `loss` has `loss_terms`'s signature; another (the single-forward reference) can be compared.
     """
     model = LlamaModel(model_cfg)
     M = bita_cfg.num_mask_tokens
@@ -156,7 +209,7 @@ def make_train_step(
                 dropped = bita_adapter.drop_prefix(
                     adapter, bita_cfg.prefix_dropout, jax.random.fold_in(rng, i)
                 )
-                return loss_terms(model, base, dropped, mb, M, num_rows)
+                return loss(model, base, dropped, mb, M, num_rows)
 
             (mb_nll, mb_stats), mb_grads = jax.value_and_grad(summed_nll, has_aux=True)(state.adapter)
             return (

@@ -1,0 +1,36 @@
+"""The train step's loss as one forward over the whole multi-group sequence (the step before the split).
+
+Kept only as the reference that the split `loss_terms` must equal, and as the baseline of
+benchmarks/train_step_bench.py: every row of [B, T], normal ones included, runs with the adapter
+under the dense [B, T, T] `attention_mask` and is differentiated.
+"""
+
+from typing import Any
+
+import jax
+
+from bita_jax.bita import adapter as bita_adapter
+from bita_jax.bita.training_mask import IGNORE, NORMAL, attention_mask
+from bita_jax.models.llama import LlamaModel
+from bita_jax.training.step import mask_row_loss, mask_rows
+
+
+def single_forward_loss_terms(
+    model: LlamaModel,
+    base: Any,
+    adapter: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    num_masks: int,
+    num_rows: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`loss_terms` (same arguments and results) from one forward over all T rows."""
+    mask = attention_mask(batch["group"], batch["visible_end"], batch["positions"])
+    hidden, _ = bita_adapter.forward(
+        model, base, adapter, batch["tokens"], batch["positions"], mask, batch["group"] != NORMAL
+    )
+    rows, valid = mask_rows(batch["group"], num_rows)
+    take = lambda x: jax.numpy.take_along_axis(x, rows, axis=1)  # noqa: E731  [B, T] -> [B, R]
+    labels = take(batch["labels"])
+    hidden = jax.numpy.take_along_axis(hidden, rows[..., None], axis=1)  # [B, R, D]
+    offset = take(batch["positions"] - batch["visible_end"])
+    return mask_row_loss(model, base, hidden, labels, valid & (labels != IGNORE), offset, num_masks)

@@ -24,7 +24,7 @@ from bita_jax.decoding.acceptance import GREEDY
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import abstract_params
-from bita_jax.sharding import make_mesh, mesh_rules, tree_shardings
+from bita_jax.sharding import check_mesh_fits, make_mesh, mesh_rules, tree_shardings
 
 MODES = ("ar", "bita")
 
@@ -74,6 +74,10 @@ class Model:
         """Decodes prompts; returns one record per prompt, in input order (options as in `run`)."""
         return self.run(prompts, **options).records
 
+    def _data_ways(self) -> int:
+        """Ways the batch is split over the mesh (data * fsdp); 1 without a mesh."""
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
     def check(self, prompts: list[str], **options) -> None:
         """Raises ConfigError for options or prompts that `run` would refuse, before any compile."""
         self._plan(prompts, **options)
@@ -94,7 +98,7 @@ class Model:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if self.mesh is not None:
-            ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            ways = self._data_ways()
             if batch_size % ways:
                 raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
         draft_tree = None
@@ -102,6 +106,7 @@ class Model:
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
             draft_tree = parse_tree(tree, self.bita_config.num_mask_tokens)
+            draft_tree.check_vocab(self.config.vocab_size)
         prompt_ids = self.encode(prompts, chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], max_new_tokens)
         return mode, draft_tree, prompt_ids
@@ -114,7 +119,7 @@ class Model:
         tree: str = DEFAULT_TREE,
         batch_size: int = 1,
         chat: bool = False,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> Run:
         """Decodes prompts with AR or BiTA.
 
@@ -123,9 +128,11 @@ class Model:
           max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
           mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
           tree: BiTA draft tree spec (`upper:K`, `chain` or JSON rank paths).
-          batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
+          batch_size: prompts decoded together (a multiple of the mesh's data*fsdp); clamped to the
+            number of prompts (rounded up to data*fsdp).
           chat: wrap prompts in the tokenizer's chat template.
-          on_batch: called with the number of prompts after each finished batch (progress).
+          on_batch: called with each finished batch's records, in input order (to write them
+            out at once).
         """
         mode, draft_tree, prompt_ids = self._plan(prompts, max_new_tokens, mode, tree, batch_size, chat)
         policy = GREEDY
@@ -142,12 +149,18 @@ class Model:
         compiled = self._compiled[key]
         compile_before = compiled.compile_seconds
         accepted = []
+        finished = 0  # prompts decoded so far
+        # A batch larger than the prompts only decodes copies of the last prompt.
+        batch_size = min(batch_size, self._data_ways() * -(-len(prompts) // self._data_ways()))
 
-        def batch_done(state, count):
+        def batch_done(state, batch: list[runner.Generation]):
+            nonlocal finished
             if mode == "bita":
-                accepted.append(np.asarray(state.extra.accepted_per_level)[:count])
+                accepted.append(np.asarray(state.extra.accepted_per_level)[: len(batch)])
             if on_batch is not None:
-                on_batch(count)
+                done = slice(finished, finished + len(batch))
+                on_batch(result_records(self.tokenizer, prompts[done], prompt_ids[done], batch))
+            finished += len(batch)
 
         with mesh_rules(self.mesh):
             generations, seconds = runner.generate(
@@ -203,10 +216,13 @@ def load(
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):
         mesh = make_mesh(MeshConfig.parse(mesh))
+    if mesh is not None:
+        check_mesh_fits(config, mesh)
     shardings = None if mesh is None else tree_shardings(abstract_params(config), mesh)
     params = hf.load_params(model_dir, config, shardings)
     bita_config = arrays = None
     if adapter is not None:
         bita_config, loaded = adapter_files.load_adapter(adapter, config)
+        adapter_files.warn_if_other_base(adapter, model_dir)
         arrays = place_adapter(loaded, mesh)
     return Model(config, params, tokenizer, arrays, bita_config, mesh)

@@ -107,12 +107,13 @@ def generate(
     prompts: list[list[int]],
     batch_size: int,
     pad_id: int,
-    on_batch: Callable[[GenerationState, int], None] | None = None,
+    on_batch: Callable[[GenerationState, list[Generation]], None] | None = None,
 ) -> tuple[list[Generation], float]:
     """Compiles every (batch, bucket) shape first, then runs the prompts in batches.
 
     Returns one Generation per prompt (in input order; `seconds` is its batch's wall time split
-    evenly) and the decoding seconds of all batches, compiles excluded.
+    evenly) and the decoding seconds of all batches, compiles excluded. `on_batch` gets each
+    finished batch's state and its prompts' Generations, in input order.
     """
     for _, tokens, lens, streams in batches(prompts, batch_size, pad_id):
         compiled.prepare(weights, tokens, lens, streams)
@@ -124,9 +125,10 @@ def generate(
         seconds = time.perf_counter() - t0
         total += seconds
         out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
-        if on_batch is not None:
-            on_batch(state, count)
-        results += [
+        batch = [
             Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds / count) for i in range(count)
         ]
+        results += batch
+        if on_batch is not None:
+            on_batch(state, batch)
     return results, total

@@ -3,6 +3,7 @@ become one line on stderr and exit code 2, no traceback; warnings become one `wa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from typing import Callable
 
 from bita_jax.errors import ConfigError, Interrupted, UserError
 
-__all__ = ["USER_ERRORS", "UserError", "run_main"]
+__all__ = ["USER_ERRORS", "DefaultsHelpFormatter", "UserError", "run_main"]
 
 # Errors that describe bad input rather than a bug; anything else keeps its traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, json.JSONDecodeError)
@@ -19,6 +20,17 @@ USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, json.JSONDeco
 # transformers announces at import that it found no PyTorch, which bita_jax never needs (only the
 # tests and benchmarks use torch); the CLIs silence that advisory notice.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, where it has one and its help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            if "default" not in text:
+                text += " (default: %(default)s)"
+        return text
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

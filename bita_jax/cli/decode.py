@@ -23,18 +23,19 @@ from tqdm import tqdm
 
 from bita_jax import api, demo
 from bita_jax.bita.tree import DEFAULT_TREE
-from bita_jax.cli import UserError
-from bita_jax.cli.files import RecordWriter, check_output_file, finished_records, read_prompts
+from bita_jax.cli import DefaultsHelpFormatter, UserError
+from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES
 from bita_jax.decoding.loop import SCAN_LAYERS
+from bita_jax.io.paths import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="decode.py",
         description=__doc__.splitlines()[0] + " With no arguments it runs the packaged demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--model", help="Hugging Face LlamaForCausalLM checkpoint directory")
     parser.add_argument(

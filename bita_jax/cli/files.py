@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from typing import Any, BinaryIO
 
-from bita_jax.errors import UserError, writing
+from bita_jax.errors import UserError
+from bita_jax.io.paths import writing
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
@@ -40,26 +40,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
-
-
-def check_writable_dir(directory: str, what: str) -> None:
-    """Refuses, before any work, a directory that is missing or where no file can be created."""
-    if not os.path.isdir(directory):
-        raise UserError(f"{what}: directory {directory} does not exist")
-    try:
-        with writing(f"{what} in {directory}"), tempfile.TemporaryFile(dir=directory):
-            pass
-    except FileNotFoundError:
-        raise UserError(f"{what}: directory {directory} does not exist") from None
-
-
-def check_output_file(path: str) -> None:
-    """Refuses an --output that is a directory or lies where no file can be created."""
-    if os.path.isdir(path):
-        raise UserError(f"--output {path} is a directory; give a file name")
-    check_writable_dir(os.path.dirname(os.path.abspath(path)), f"--output {path}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UserError(f"--output {path} is not writable")
 
 
 def finished_records(path: str, prompts: list[str], resume: bool) -> tuple[list[dict[str, Any]], int]:

@@ -83,7 +83,7 @@ class RecordWriter:
 
     def __init__(self, path: str | None, offset: int = 0):
         self.path = path
-        self.file: BinaryIO = sys.stdout.buffer
+        self.file: BinaryIO | None = None
         if path is not None:
             with writing(path):
                 self.file = open(path, "r+b" if os.path.exists(path) else "wb")
@@ -91,14 +91,18 @@ class RecordWriter:
                 self.file.truncate()
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        with writing(self.path or "stdout"):
-            self.file.write("".join(_line(r) for r in records).encode("utf-8"))
+        text = "".join(_line(r) for r in records)
+        if self.file is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        with writing(self.path):
+            self.file.write(text.encode("utf-8"))
             self.file.flush()
-            if self.path is not None:
-                os.fsync(self.file.fileno())
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
-        if self.path is not None:
+        if self.file is not None:
             with writing(self.path):
                 self.file.close()
 

@@ -38,11 +38,11 @@ def check_writable_dir(directory: str, what: str, create: bool = False) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"{what}: {directory} is a file, not a directory")
     if create:
-        with writing(f"{what} ({directory})"):
+        with writing(what):
             os.makedirs(directory, exist_ok=True)
     elif not os.path.isdir(directory):
         raise UserError(f"{what}: directory {directory} does not exist")
-    with writing(f"{what} in {directory}"), tempfile.TemporaryFile(dir=directory):
+    with writing(f"in {directory} ({what})"), tempfile.TemporaryFile(dir=directory):
         pass
 
 

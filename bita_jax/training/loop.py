@@ -152,7 +152,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     saved = start
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
     tokens_since, clock = 0, time.perf_counter()
-    with open(metrics_path, "a") if is_main else open(os.devnull, "w") as log, resume.StopSignals() as stop:
+    with writing(metrics_path):
+        log = open(metrics_path, "a") if is_main else open(os.devnull, "w")
+    with log, bar, resume.StopSignals() as stop:  # the bar closes before an error is printed
         for step in range(start, total_steps):
             sequences = stream.sequences(position["epoch"], position["index"])
             local = data.collate(sequences, agreed_length(stream, sequences), model_cfg.pad_id)
@@ -187,12 +189,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 checkpoint.save(mngr, done, state, position)
                 saved = done
             if stopping:
-                bar.close()
                 raise Interrupted(
                     f"{stop.name} at step {done}: checkpoint saved in {mngr.directory}; "
                     "run the same command again to resume"
                 )
-    bar.close()
     mngr.wait_until_finished()
     with writing(adapter_dir):
         save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)

@@ -36,7 +36,7 @@ def writing(what: str) -> Iterator[None]:
 def check_writable_dir(directory: str, what: str, create: bool = False) -> None:
     """Refuses, before any work, a directory that is missing (unless created) or not writable."""
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise UserError(f"{what}: {directory} is a file, not a directory")
+        raise UserError(f"{what} is a file, not a directory")
     if create:
         with writing(what):
             os.makedirs(directory, exist_ok=True)

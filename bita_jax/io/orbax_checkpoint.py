@@ -6,8 +6,12 @@ into an abstract target whose leaves carry their shardings, so each host reads o
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,13 +39,36 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_position: dict
       UserError: the filesystem refused the write (full disk, quota, read-only); the previous
         checkpoints are intact (orbax writes to a temporary directory and renames it when done).
     """
-    with writing(f"checkpoint {step} in {mngr.directory}"):
+    with writing(f"checkpoint {step} in {mngr.directory}"), _thread_errors_unlogged():
         mngr.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)
             ),
         )
+
+
+@contextlib.contextmanager
+def _thread_errors_unlogged() -> Iterator[None]:
+    """orbax raises a failed write (e.g. a full disk) from `save`, where it is reported once; its
+    writer threads log the same failure with tracebacks (absl's logger), tensorstore callbacks then
+    fail on orbax's closed event loop (printed as unraisable errors), and the abandoned write
+    tasks log "Task exception was never retrieved" (asyncio's logger) when collected. Hide those."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    hook = sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    except BaseException:
+        gc.collect()  # collect the failed save's abandoned tasks while their log is hidden
+        raise
+    finally:
+        sys.unraisablehook = hook
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict[str, int]] | None:

@@ -474,3 +474,13 @@ def test_full_disk_during_checkpoint_save(tiny_checkpoint, ids_data, tmp_path, c
     argv = ["--model", tiny_checkpoint, "--data", ids_data, "--output", str(tmp_path / "run"), *TRAIN_FLAGS]
     line = one_error_line(capsys, train.main, [*argv, *SMALL_DATA, "--steps", "1"])
     assert "cannot write checkpoint 1" in line and "no space left on device" in line
+
+
+def test_nan_loss_stops_before_a_checkpoint(tiny_checkpoint, ids_data, tmp_path, capsys):
+    """A learning rate that overflows float32 makes the loss NaN after a few steps: one line, and
+    with a checkpoint every step, the last one is the step before (the diverged state is never saved)."""
+    out = tmp_path / "run"
+    argv = ["--model", tiny_checkpoint, "--data", ids_data, "--output", str(out), *TRAIN_FLAGS, *SMALL_DATA]
+    argv += ["--steps", "4", "--save-every", "1", "--set", "optimizer.learning_rate=3e38"]
+    step = int(re.search(r"loss is nan at step (\d+)", one_error_line(capsys, train.main, argv)).group(1))
+    assert orbax_checkpoint.manager(str(out / "checkpoints"), 2).latest_step() == (step - 1 or None)

@@ -53,7 +53,8 @@ def _thread_errors_unlogged() -> Iterator[None]:
     """orbax raises a failed write (e.g. a full disk) from `save`, where it is reported once; its
     writer threads log the same failure with tracebacks (absl's logger), tensorstore callbacks then
     fail on orbax's closed event loop (printed as unraisable errors), and the abandoned write
-    tasks log "Task exception was never retrieved" (asyncio's logger) when collected. Hide those."""
+    tasks log "Task exception was never retrieved" (asyncio's logger) when collected. Hide those;
+    after a failed save they stay hidden, since orbax's other writer threads go on failing."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [logger.level for logger in loggers]
     hook = sys.unraisablehook
@@ -63,12 +64,11 @@ def _thread_errors_unlogged() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        gc.collect()  # collect the failed save's abandoned tasks while their log is hidden
+        gc.collect()  # the failed save's abandoned tasks log when collected
         raise
-    finally:
-        sys.unraisablehook = hook
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    sys.unraisablehook = hook
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict[str, int]] | None:

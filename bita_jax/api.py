@@ -97,6 +97,10 @@ class Model:
         """Decodes prompts; returns one record per prompt, in input order (`GenerateOptions`)."""
         return self.run(prompts, **options).records
 
+    def _data_ways(self) -> int:
+        """Ways the batch is split over the mesh (data * fsdp); 1 without a mesh."""
+        return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
     def check(self, prompts: list[str], **options) -> None:
         """Raises ConfigError for options (`GenerateOptions` fields) or prompts that `run` would
         refuse, before any compile."""
@@ -116,7 +120,7 @@ class Model:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if self.mesh is not None:
-            ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            ways = self._data_ways()
             if batch_size % ways:
                 raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
         draft_tree = None
@@ -124,18 +128,29 @@ class Model:
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
             draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
+            draft_tree.check_vocab(self.config.vocab_size)
         prompt_ids = self.encode(prompts, options.chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], options.max_new_tokens)
         return mode, draft_tree, sampler, prompt_ids
 
-    def run(self, prompts: list[str], on_batch: Callable[[int], None] | None = None, **options) -> Run:
+    def run(
+        self,
+        prompts: list[str],
+        on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+        first_index: int = 0,
+        **options,
+    ) -> Run:
         """Decodes prompts with AR or BiTA.
 
         Args:
           prompts: prompt texts.
-          on_batch: called with the number of prompts after each finished batch (progress).
+          on_batch: called with each finished batch's records, in input order (to write them
+            out at once).
+          first_index: the index of prompts[0] in the whole input (a resumed run continues a
+            longer list); with the seed it keys each prompt's sampling noise.
           **options: `GenerateOptions` fields (max_new_tokens, mode, tree, batch_size, chat,
-            temperature, top_k, top_p, seed).
+            temperature, top_k, top_p, seed); the batch size is clamped to the number of
+            prompts (rounded up to the mesh's data*fsdp).
         """
         options = GenerateOptions(**options)
         mode, draft_tree, policy, prompt_ids = self._plan(prompts, options)
@@ -153,25 +168,33 @@ class Model:
             self._compiled[key] = runner.CompiledByShape(make())
         compiled = self._compiled[key]
         compile_before = compiled.compile_seconds
+        sampling = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "seed")}
         accepted = []
+        finished = 0  # prompts decoded so far
+        # A batch larger than the prompts only decodes copies of the last prompt.
+        ways = self._data_ways()
+        batch_size = min(options.batch_size, ways * -(-len(prompts) // ways))
 
-        def batch_done(state, count):
+        def batch_done(state, batch: list[runner.Generation]):
+            nonlocal finished
             if mode == "bita":
-                accepted.append(np.asarray(state.extra.accepted_per_level)[:count])
+                accepted.append(np.asarray(state.extra.accepted_per_level)[: len(batch)])
             if on_batch is not None:
-                on_batch(count)
+                done = slice(finished, finished + len(batch))
+                on_batch(result_records(self.tokenizer, prompts[done], prompt_ids[done], batch, sampling))
+            finished += len(batch)
 
         with mesh_rules(self.mesh):
             generations, seconds = runner.generate(
                 compiled,
                 weights,
                 prompt_ids,
-                options.batch_size,
+                batch_size,
                 self.config.pad_id,
                 options.seed,
                 batch_done,
+                first_index,
             )
-        sampling = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "seed")}
         return Run(
             mode=mode,
             sampler=policy,

@@ -73,12 +73,13 @@ class ModelConfig:
         return self.pad_token_id if self.pad_token_id is not None else self.eos_token_ids[0]
 
     @classmethod
-    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
-        """Builds the config from a parsed HF `config.json`, refusing unsupported models."""
+    def from_hf_config(cls, hf: dict[str, Any], where: str = "config.json", **overrides) -> "ModelConfig":
+        """Builds the config from a parsed HF `config.json`, refusing unsupported models and keys
+        that are missing or of the wrong type (`where` names the file in errors)."""
         archs = hf.get("architectures") or [
             "LlamaForCausalLM" if hf.get("model_type") == "llama" else hf.get("model_type")
         ]
-        if not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        if not isinstance(archs, list) or not set(map(str, archs)) & set(SUPPORTED_ARCHITECTURES):
             raise ConfigError(
                 f"unsupported architecture {archs}: bita_jax supports {list(SUPPORTED_ARCHITECTURES)}"
             )
@@ -89,31 +90,38 @@ class ModelConfig:
             raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (LLaMA uses silu)")
         # transformers >= 5 writes `rope_parameters` (theta inside); older files use
         # `rope_theta` plus `rope_scaling` whose type key was once called "type".
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{where}: rope_parameters/rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope_scaling = tuple(sorted({**rope, "rope_type": rope_type}.items()))
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         if not eos_ids:
-            raise ConfigError("config.json has no eos_token_id")
-        num_heads = hf["num_attention_heads"]
+            raise ConfigError(f"{where} has no eos_token_id")
+        if not all(_is_int(t, 0) for t in eos_ids):
+            raise ConfigError(f"{where}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        count = lambda key, default=None: _hf_int(hf, key, where, default, minimum=1)  # noqa: E731
+        token = lambda key: _hf_int(hf, key, where, None, minimum=0, optional=True)  # noqa: E731
+        num_heads = count("num_attention_heads")
         values = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=count("vocab_size"),
+            hidden_size=count("hidden_size"),
+            intermediate_size=count("intermediate_size"),
+            num_layers=count("num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
+            num_kv_heads=count("num_key_value_heads", num_heads),
+            head_dim=count("head_dim", count("hidden_size") // num_heads),
+            rms_norm_eps=_positive_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            rope_theta=_positive_float(rope_theta, "rope_theta", where),
             rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=count("max_position_embeddings", 2048),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
+            bos_token_id=token("bos_token_id"),
             eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
+            pad_token_id=token("pad_token_id"),
         )
         return cls(**{**values, **overrides})
 
@@ -124,8 +132,46 @@ class ModelConfig:
             raise ConfigError(f"model directory not found: {model_dir}")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in model directory {model_dir}")
-        with open(path) as f:
-            return cls.from_hf_config(json.load(f), **overrides)
+        hf = read_json(path)
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+        return cls.from_hf_config(hf, where=path, **overrides)
+
+
+def read_json(path: str) -> Any:
+    """A json file's contents; a file that is not UTF-8 JSON raises ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _hf_int(
+    hf: dict[str, Any], key: str, where: str, default: int | None, minimum: int, optional: bool = False
+) -> int | None:
+    """An integer `config.json` entry >= minimum; missing (or null) takes the default."""
+    value = hf.get(key)
+    if value is None:
+        if default is None and not optional:
+            raise ConfigError(f"{where} has no {key!r}")
+        return default
+    if not _is_int(value, minimum):
+        raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, key: str, where: str) -> float:
+    """A `config.json` entry that must be a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class UserError(ConfigError):
     """Bad input from the user (missing file, malformed data line, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after saving its work; the message says where it is."""

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from bita_jax.config import ConfigError, MeshConfig
+from bita_jax.config import ConfigError, MeshConfig, ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -111,6 +111,24 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     if devices == list(jax.devices()):
         return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def check_mesh_fits(config: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> None:
+    """Refuses a mesh whose axes do not divide the model dimensions they shard (e.g. tensor vs KV heads)."""
+    dims = {
+        "q_heads": ("attention heads", config.num_heads),
+        "kv_heads": ("KV heads", config.num_kv_heads),
+        "mlp": ("intermediate_size", config.intermediate_size),
+        "vocab": ("vocab_size", config.vocab_size),
+        "embed": ("hidden_size", config.hidden_size),
+    }
+    table = dict(rules)
+    for logical, (label, size) in dims.items():
+        target = table.get(logical)
+        axes = [a for a in (target if isinstance(target, tuple) else (target,)) if a is not None]
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if size % ways:
+            raise ConfigError(f"mesh axis {'*'.join(axes)}={ways} does not divide the model's {size} {label}")
 
 
 def logical_sharding(

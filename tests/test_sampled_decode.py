@@ -184,6 +184,9 @@ def test_outputs_do_not_depend_on_batch_size_or_slot(loaded, mode):
         for batch in (1, 3, 4)
     }
     assert outputs[1] == outputs[3] == outputs[4]
+    # A resumed run decodes the remaining prompts under their indices in the whole input.
+    rest = loaded.generate(TEXTS[2:], first_index=2, batch_size=2, **options)
+    assert [r["output_ids"] for r in rest] == outputs[1][2:]
     other_seed = [r["output_ids"] for r in loaded.generate(TEXTS, **{**options, "seed": 6})]
     assert other_seed != outputs[1]
 

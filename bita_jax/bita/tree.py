@@ -25,6 +25,15 @@ import numpy as np
 from bita_jax.errors import ConfigError
 
 DEFAULT_TREE = "upper:5"
+# Rows one tree step may compute. Each row costs about one AR step's compute, and the step's
+# attention mask is [T, T]: useful trees have tens of nodes (the demo's widest, 124 rows), while
+# one of ~15000 nodes (upper:5000, 60000 rows) compiles for minutes and then runs out of memory.
+MAX_TREE_ROWS = 4096
+
+
+def _is_rank(c) -> bool:
+    """An integer rank >= 0 (numpy integers included; bools and floats such as 0.5 are not ranks)."""
+    return isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,20 +53,27 @@ class DraftTree:
         if len(known) != len(self.paths):
             raise ConfigError("draft tree has a repeated path")
         for p in self.paths:
-            if not p or any((not isinstance(c, int)) or c < 0 for c in p):
-                raise ConfigError(f"draft tree path {list(p)} must be a non-empty list of ranks >= 0")
+            if not p or any(not _is_rank(c) for c in p):
+                raise ConfigError(f"draft tree path {list(p)} must be a non-empty list of integer ranks >= 0")
             if len(p) > 1 and p[:-1] not in known:
                 raise ConfigError(f"draft tree path {list(p)} has no parent path {list(p[:-1])}")
         if list(self.paths) != sorted(self.paths, key=lambda p: (len(p), p)):
             raise ConfigError("draft tree paths must be sorted by level, then path (use from_paths)")
+        if self.num_rows > MAX_TREE_ROWS:
+            raise ConfigError(
+                f"draft tree of {self.num_nodes} nodes needs {self.num_rows} rows per step; "
+                f"at most {MAX_TREE_ROWS} are supported"
+            )
 
     @classmethod
     def from_paths(cls, paths) -> "DraftTree":
         """Builds a tree from any iterable of rank sequences, in any order."""
-        try:
-            tuples = [tuple(int(c) for c in p) for p in paths]
-        except (TypeError, ValueError):
-            raise ConfigError("draft tree paths must be lists of integer ranks") from None
+        tuples = []
+        for p in paths:
+            ranks = tuple(p) if hasattr(p, "__iter__") and not isinstance(p, str) else ()
+            if not ranks or not all(_is_rank(c) for c in ranks):
+                raise ConfigError(f"draft tree path {p!r} must be a non-empty list of integer ranks >= 0")
+            tuples.append(tuple(int(c) for c in ranks))
         return cls(tuple(sorted(tuples, key=lambda p: (len(p), p))))
 
     @classmethod
@@ -201,6 +217,14 @@ class DraftTree:
     def prefix_visible(self) -> np.ndarray:
         """[T] bool: only mask rows attend to the BiTA prefix, so root and nodes stay the base model."""
         return np.arange(self.num_rows) >= 1 + self.num_nodes
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuses ranks at or beyond the vocabulary (a mask has only V drafts to rank)."""
+        if self.draft_width > vocab_size:
+            raise ConfigError(
+                f"draft tree rank {self.draft_width - 1} is beyond the model's vocabulary "
+                f"of {vocab_size} tokens"
+            )
 
     def describe(self) -> str:
         return f"{self.num_nodes} nodes, depth {self.depth}, {self.num_rows} rows per step"

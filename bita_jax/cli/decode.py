@@ -1,15 +1,16 @@
 """decode.py: AR or BiTA decoding from a Hugging Face LLaMA checkpoint, a shell over bita_jax.api.
 
-  python decode.py        # no arguments: the packaged demo, BiTA vs AR on held-out prompts
+  python decode.py        # no arguments: runs the packaged demo, BiTA vs AR on held-out prompts
   python decode.py --model DIR --mode ar --prompt "def add(a, b):" --max-new-tokens 64
   python decode.py --model DIR --prompts prompts.jsonl --batch-size 4 --output out.jsonl
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds; for bita `steps` counts tree steps) and prints a short summary. BiTA also prints tokens
-per step, the acceptance rate per draft level and, with --compare, the speedup over AR on the same
-prompts and whether every output is identical.
+seconds; for bita `steps` counts tree steps) as each batch finishes, and prints a short summary.
+An interrupted run keeps its finished records; --resume decodes only the prompts they lack.
+BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
+speedup over AR on the same prompts and whether every output is identical.
 """
 
 from __future__ import annotations
@@ -22,35 +23,47 @@ from tqdm import tqdm
 
 from bita_jax import api, demo
 from bita_jax.bita.tree import DEFAULT_TREE
-from bita_jax.cli import UserError
-from bita_jax.cli.files import read_prompts, write_jsonl
+from bita_jax.cli import DefaultsHelpFormatter, UserError
+from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES
 from bita_jax.decoding.loop import SCAN_LAYERS
+from bita_jax.io.paths import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="decode.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="decode.py",
+        description=__doc__.splitlines()[0] + " With no arguments it runs the packaged demo.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("--model", help="Hugging Face LlamaForCausalLM checkpoint directory")
-    parser.add_argument("--mode", choices=api.MODES, default="ar", help="decoding method")
+    parser.add_argument(
+        "--mode", choices=api.MODES, help="decoding method (default: bita with --adapter, else ar)"
+    )
     parser.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s)")
     parser.add_argument("--prompts", help='jsonl file, one {"prompt": ...} per line')
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="prompts decoded together (clamped to the prompts)"
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
-    parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors), for --mode bita")
-    parser.add_argument("--tree", default=DEFAULT_TREE, help="draft tree: upper:K, chain, or JSON paths")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the records already in --output, decode the rest"
+    )
+    parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors); implies --mode bita")
+    parser.add_argument(
+        "--tree", help=f"bita draft tree: upper:K, chain, or JSON rank paths (default: {DEFAULT_TREE})"
+    )
     parser.add_argument(
         "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
     )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0: greedy; > 0: sample (default: %(default)s)"
-    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -59,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="scan the layers: faster compiles for deep models, slower steps (default: unrolled)",
     )
     return parser
+
+
+def decoding_mode(args: argparse.Namespace) -> str:
+    """--mode, defaulting to bita when an --adapter is given; refuses BiTA options in AR mode."""
+    mode = args.mode or ("bita" if args.adapter else "ar")
+    if mode == "ar":
+        given = [flag for flag, value in (("--adapter", args.adapter), ("--tree", args.tree)) if value]
+        given += ["--compare"] if args.compare else []
+        if given:
+            raise UserError(f"{given[0]} is for --mode bita, but the mode is ar")
+    elif not args.adapter:
+        raise UserError("--mode bita needs --adapter DIR")
+    return mode
 
 
 def prompt_texts(args) -> list[str]:
@@ -81,36 +107,59 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--model DIR is required")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.mode == "bita" and not args.adapter:
-        raise UserError("--mode bita needs --adapter DIR")
+    if args.resume and not args.output:
+        raise UserError("--resume needs --output FILE")
+    mode = decoding_mode(args)
     texts = prompt_texts(args)
+    done, offset = [], 0
+    if args.output:  # before anything is loaded: a bad --output must not cost a model load
+        check_output_file(args.output)
+        done, offset = finished_records(args.output, texts, args.resume)
+    if len(done) == len(texts):
+        print(f"all {len(texts)} prompts are already in {args.output}; nothing to decode", file=sys.stderr)
+        return 0
+    if done:
+        print(f"resuming: {len(done)} of {len(texts)} prompts already in {args.output}", file=sys.stderr)
+    texts = texts[len(done) :]
     model = api.load(
         args.model,
-        adapter=args.adapter if args.mode == "bita" else None,
+        adapter=args.adapter if mode == "bita" else None,
         dtype=args.dtype,
         mesh=args.mesh,
         scan_layers=args.scan_layers,
     )
+    tree = args.tree or DEFAULT_TREE
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=args.tree,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
-    model.check(texts, mode=args.mode, **options)  # bad input fails before the progress bar shows
+    model.check(texts, mode=mode, **options)  # bad input fails before the progress bar shows
     # Records own stdout unless --output is given; reports go wherever they do not.
     out = sys.stdout if args.output else sys.stderr
-    with tqdm(total=len(texts), desc=f"decode ({args.mode})", unit="prompt", file=sys.stderr) as progress:
-        run = model.run(texts, mode=args.mode, on_batch=progress.update, **options)
+    writer = None if is_demo else RecordWriter(args.output, offset)
+
+    def batch_done(records: list[dict]) -> None:
+        if writer is not None:
+            writer.write(records)
+        progress.update(len(records))
+
+    with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
+        # Resumed prompts keep their index in the input: it keys their sampling noise.
+        run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
+        if writer is not None:
+            writer.close()
         if run.mode == "bita":
-            tqdm.write(f"tree {args.tree}: {run.tree.describe()}", file=out)
+            tqdm.write(f"tree {tree}: {run.tree.describe()}", file=out)
             tqdm.write(acceptance_report(run.generations, run.accepted_per_level), file=out)
             if args.compare:
                 progress.reset(total=len(texts))
                 progress.set_description("decode (ar, --compare)")
-                ar_run = model.run(texts, mode="ar", on_batch=progress.update, **options)
+                ar_run = model.run(
+                    texts, mode="ar", on_batch=lambda r: progress.update(len(r)), first_index=len(done),
+                    **options,
+                )  # fmt: skip
                 tqdm.write(comparison_report(run.generations, ar_run.generations), file=out)
     if is_demo:
         print(demo.format_completions(run.records))
-    else:
-        write_jsonl(run.records, args.output)
     print(summarize(run.generations, run.compile_seconds), file=out)
     return 0

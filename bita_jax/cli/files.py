@@ -1,23 +1,33 @@
-"""Files the CLIs read and write: prompt jsonl in, result jsonl out."""
+"""Files the CLIs read and write: prompt jsonl in, result jsonl out (appended batch by batch)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 from bita_jax.errors import UserError
+from bita_jax.io.paths import writing
+
+
+def read_text_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a missing path, a directory or other bytes raise UserError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory, not a file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a jsonl file whose lines are objects with a string "prompt"; blank lines skipped."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {path}") from None
     prompts = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(read_text_lines(path, "prompts file"), start=1):
         if not line.strip():
             continue
         try:
@@ -32,11 +42,70 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def write_jsonl(records: list[dict[str, Any]], path: str | None = None) -> None:
-    """Writes one JSON object per line to path, or to stdout when path is None."""
-    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-    if path is None:
-        sys.stdout.write(lines)
-    else:
-        with open(path, "w") as f:
-            f.write(lines)
+def finished_records(path: str, prompts: list[str], resume: bool) -> tuple[list[dict[str, Any]], int]:
+    """The records an earlier run left in `path` and the byte length of that good prefix.
+
+    With `resume` they must be the records of the first prompts, in order; a torn last line (a run
+    killed while writing it) is not counted. Without `resume` a non-empty file is refused, so a
+    finished output is never replaced by a run that may be interrupted.
+    """
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return [], 0
+    if not resume:
+        raise UserError(
+            f"--output {path} already holds results: pass --resume to decode only the prompts it lacks, "
+            "or remove it"
+        )
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, offset = [], 0
+    for number, line in enumerate(lines[:-1], start=1):  # the piece after the last newline is torn
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"--resume: {path} line {number} is not a JSON record") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if number > len(prompts) or prompt != prompts[number - 1]:
+            raise UserError(
+                f"--resume: {path} line {number} is not the record of prompt {number} of this input "
+                "(another run's output?)"
+            )
+        records.append(record)
+        offset += len(line) + 1
+    return records, offset
+
+
+class RecordWriter:
+    """Writes result records as batches finish: one json line each, flushed, to a file or stdout.
+
+    A file is kept up to `offset` (the finished records of an earlier run) and appended to.
+    """
+
+    def __init__(self, path: str | None, offset: int = 0):
+        self.path = path
+        self.file: BinaryIO | None = None
+        if path is not None:
+            with writing(path):
+                self.file = open(path, "r+b" if os.path.exists(path) else "wb")
+                self.file.seek(offset)
+                self.file.truncate()
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        text = "".join(_line(r) for r in records)
+        if self.file is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        with writing(self.path):
+            self.file.write(text.encode("utf-8"))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            with writing(self.path):
+                self.file.close()
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"

@@ -4,8 +4,9 @@
   python train.py --config configs/llama2_7b_chat.yaml --model DIR --data data.jsonl --output runs/7b \\
       --mesh data=1,fsdp=8,tensor=1 --set optimizer.grad_accum=4
 
-Flags override the YAML, `--set key=value` overrides both. Running again with the same --output
-resumes from the last checkpoint (a larger --steps continues training). Multi-host: pass
+Flags override the YAML, `--set key=value` overrides both. A checkpoint is saved every
+--save-every steps and when the run is stopped (Ctrl-C, SIGTERM); running again with the same
+--output resumes from the last checkpoint (a larger --steps continues training). Multi-host: pass
 --distributed (TPU pods / managed clusters detect the rest) or --coordinator/--num-processes/
 --process-id on every host.
 """
@@ -13,8 +14,11 @@ resumes from the last checkpoint (a larger --steps continues training). Multi-ho
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
+from bita_jax.cli import DefaultsHelpFormatter
 from bita_jax.config import (
     MeshConfig,
     TrainConfig,
@@ -27,17 +31,50 @@ from bita_jax.config import (
 from bita_jax.errors import ConfigError
 
 
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key `--set` accepts, with its default."""
+    keys = []
+    for field in dataclasses.fields(cls):
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        if dataclasses.is_dataclass(default):
+            keys += config_keys(type(default), f"{prefix}{field.name}.")
+        else:
+            keys.append(f"{prefix}{field.name}={default!r}")
+    return keys
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+        epilog="--set keys (defaults): " + ", ".join(config_keys()) + ". See docs/training.md.",
+    )
     parser.add_argument("--config", help="YAML with TrainConfig fields (configs/*.yaml)")
     parser.add_argument("--model", help="Hugging Face LlamaForCausalLM checkpoint directory")
     parser.add_argument("--data", help="decode.py jsonl, a local datasets file/directory or a hub dataset")
     parser.add_argument("--output", help="run directory: checkpoints, metrics.jsonl, adapter/")
-    parser.add_argument("--steps", type=int, help="optimizer steps in total (default: data.epochs passes)")
-    parser.add_argument("--batch-size", type=int, help="global sequences per optimizer step")
-    parser.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = remaining devices)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"optimizer steps in total (default: `--set epochs=E` data passes, E={defaults.epochs})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help=f"global sequences per optimizer step (default: {defaults.batch_size})"
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        help=f"checkpoint every N steps (default: {defaults.save_every}); also saved on Ctrl-C/SIGTERM",
+    )
+    parser.add_argument(
+        "--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 = remaining devices; default: data=-1)"
+    )
     parser.add_argument("--chat", action="store_true", help="text records: wrap prompts in the chat template")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config key (listed below)"
+    )
     parser.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed auto-detect")
     parser.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -57,6 +94,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "output": args.output,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "save_every": args.save_every,
         "data.path": args.data,
         "data.chat": True if args.chat else None,
     }
@@ -87,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     from bita_jax.training import loop
 
     last = loop.run(cfg)
-    print(
-        f"step {last['step']}: loss {last.get('loss', float('nan')):.4f} mask_acc {last.get('mask_acc')}; "
-        f"adapter in {cfg.output}/{loop.ADAPTER_DIR}",
-        file=sys.stderr,
-    )
+    adapter = os.path.join(cfg.output, loop.ADAPTER_DIR)
+    if last.get("finished"):
+        print(
+            f"{cfg.output} is already finished (step {last['step']} of {last['total_steps']}); "
+            f"adapter in {adapter}. A larger --steps trains on.",
+            file=sys.stderr,
+        )
+        return 0
+    loss = f"loss {last['loss']:.4f} mask_acc {last['mask_acc']}" if "loss" in last else "no step logged"
+    print(f"step {last['step']}: {loss}; adapter in {adapter}", file=sys.stderr)
     return 0

@@ -67,11 +67,12 @@ def pad_batch(
     return tokens, np.asarray([len(p) for p in rows], np.int32), streams
 
 
-def batches(prompts: list[list[int]], batch_size: int, pad_id: int, seed: int):
-    """(number of real prompts, tokens, prompt_lens, streams) per batch, in input order."""
+def batches(prompts: list[list[int]], batch_size: int, pad_id: int, seed: int, first_index: int):
+    """(number of real prompts, tokens, prompt_lens, streams) per batch, in input order; prompts[0]
+    is prompt first_index of the whole input."""
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        yield len(chunk), *pad_batch(chunk, start, batch_size, pad_id, seed)
+        yield len(chunk), *pad_batch(chunk, first_index + start, batch_size, pad_id, seed)
 
 
 class CompiledByShape:
@@ -109,26 +110,29 @@ def generate(
     batch_size: int,
     pad_id: int,
     seed: int = 0,
-    on_batch: Callable[[GenerationState, int], None] | None = None,
+    on_batch: Callable[[GenerationState, list[Generation]], None] | None = None,
+    first_index: int = 0,
 ) -> tuple[list[Generation], float]:
     """Compiles every (batch, bucket) shape first, then runs the prompts in batches.
 
     Returns one Generation per prompt (in input order; `seconds` is its batch's wall time split
-    evenly) and the decoding seconds of all batches, compiles excluded.
+    evenly) and the decoding seconds of all batches, compiles excluded. `on_batch` gets each
+    finished batch's state and its prompts' Generations, in input order.
     """
-    for _, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed):
+    for _, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed, first_index):
         compiled.prepare(weights, tokens, lens, streams)
     results: list[Generation] = []
     total = 0.0
-    for count, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed):
+    for count, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed, first_index):
         t0 = time.perf_counter()
         state = jax.block_until_ready(compiled(weights, tokens, lens, streams))
         seconds = time.perf_counter() - t0
         total += seconds
         out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
-        if on_batch is not None:
-            on_batch(state, count)
-        results += [
+        batch = [
             Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds / count) for i in range(count)
         ]
+        results += batch
+        if on_batch is not None:
+            on_batch(state, batch)
     return results, total

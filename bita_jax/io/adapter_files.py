@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
 from bita_jax.bita.adapter import adapter_shapes
-from bita_jax.config import BiTAConfig, ModelConfig, from_dict, to_dict
+from bita_jax.config import BiTAConfig, ModelConfig, from_dict, read_json, to_dict
 from bita_jax.errors import ConfigError
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -85,13 +86,13 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[BiTAConfig, 
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise ConfigError(f"not a BiTA adapter directory: {path} is missing")
-    with open(config_path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"cannot parse {config_path}: {e}") from None
-    if not isinstance(meta, dict) or "bita" not in meta or "base_model" not in meta:
-        raise ConfigError(f"{config_path}: expected keys 'bita' and 'base_model'")
+    meta = read_json(config_path)
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("bita"), dict)
+        or not isinstance(meta.get("base_model"), dict)
+    ):
+        raise ConfigError(f"{config_path}: expected objects 'bita' and 'base_model'")
     bita_cfg = from_dict(BiTAConfig, meta["bita"], "adapter_config.bita")
     base = meta["base_model"]
     for name in IDENTITY_FIELDS:
@@ -100,11 +101,41 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[BiTAConfig, 
                 f"adapter {adapter_dir} was trained for a base model with {name}={base.get(name)}, "
                 f"but the model has {name}={getattr(model_cfg, name)} (base: {base.get('path')})"
             )
-    params = load_file(weights_path)
+    params = _read_weights(weights_path)
     expected = adapter_shapes(model_cfg, bita_cfg)
     if set(params) != set(expected):
         raise ConfigError(f"{weights_path}: tensors {sorted(params)}, expected {sorted(expected)}")
     for name, shape in expected.items():
         if params[name].shape != shape:
             raise ConfigError(f"{weights_path}: {name} has shape {params[name].shape}, expected {shape}")
+        if not np.isfinite(params[name]).all():
+            raise ConfigError(f"{weights_path}: {name} holds NaN or inf values")
     return bita_cfg, {name: value.astype(np.float32) for name, value in params.items()}
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    """The adapter's tensors; a corrupted or truncated file raises ConfigError."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ConfigError(f"{path} is corrupted or truncated ({e})") from None
+
+
+def warn_if_other_base(adapter_dir: str, model_dir: str) -> None:
+    """Warns when the adapter's recorded base config.json sha256 differs from the model's.
+
+    The dimensions were already checked by `load_adapter`; equal dimensions with another hash may be
+    a re-saved copy of the same model (json bytes change) or a different model of the same shape,
+    whose drafts the adapter would not predict (acceptance drops, outputs stay exact).
+    """
+    recorded = read_json(os.path.join(adapter_dir, CONFIG_FILE))["base_model"].get("config_sha256")
+    actual = base_model_identity(model_dir)["config_sha256"]
+    if recorded not in (None, actual):
+        warnings.warn(
+            f"adapter {adapter_dir} was trained on a base model whose config.json differs from "
+            f"{model_dir}/config.json (sha256 {str(recorded)[:12]} vs {actual[:12]}): "
+            "drafts may rarely be accepted",
+            stacklevel=2,
+        )

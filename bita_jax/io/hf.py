@@ -15,11 +15,12 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from bita_jax.config import ModelConfig
+from bita_jax.config import ModelConfig, read_json
 from bita_jax.errors import ConfigError
 from bita_jax.io import tokenizer as tokenizer_files
 from bita_jax.io.tokenizer import Tokenizer
@@ -69,17 +70,26 @@ def load_config(model_dir: str, **overrides) -> ModelConfig:
 
 
 class _SafetensorsFile:
-    """Lazy, memory-mapped view of one .safetensors file."""
+    """Lazy, memory-mapped view of one .safetensors file, its header checked against its size."""
 
     def __init__(self, path: str):
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ConfigError(f"{path} is not a safetensors file ({size} bytes, empty or truncated)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise ConfigError(f"{path} is not a safetensors file (header longer than the file)")
             try:
                 self.header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ConfigError(f"{path} is not a safetensors file") from None
+                raise ConfigError(f"{path} is not a safetensors file (garbled header)") from None
+        if not isinstance(self.header, dict):
+            raise ConfigError(f"{path} is not a safetensors file (garbled header)")
         self.header.pop("__metadata__", None)
         self.path = path
+        _check_extents(path, self.header, size - 8 - header_len)
         self.data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
 
     def get(self, name: str) -> np.ndarray:
@@ -88,15 +98,35 @@ class _SafetensorsFile:
         if dtype is None:
             raise ConfigError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
+        if end - start != math.prod(info["shape"]) * dtype.itemsize:
+            raise ConfigError(f"{self.path}: tensor {name} has {end - start} bytes, not its shape's")
         return self.data[start:end].view(dtype).reshape(info["shape"])
+
+
+def _check_extents(path: str, header: dict, data_bytes: int) -> None:
+    """Refuses a header whose entries are malformed or point past the end of the file (truncated)."""
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            valid = all(isinstance(d, int) and d >= 0 for d in info["shape"]) and 0 <= start <= end
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"{path} is not a safetensors file (bad header entry for {name})")
+        if end > data_bytes:
+            raise ConfigError(
+                f"{path} is truncated: tensor {name} ends at byte {end}, the file has {data_bytes} data bytes"
+            )
 
 
 def _checkpoint_files(model_dir: str) -> dict[str, str]:
     """{tensor name: file path} from the index of a sharded checkpoint or the single file."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConfigError(f"{index} has no 'weight_map' object of tensor name -> file")
         return {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
     single = os.path.join(model_dir, SINGLE_FILE)
     if not os.path.isfile(single):
@@ -198,7 +228,20 @@ def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> d
             value = _to_ours(reader.get(hf_name), in_dims, shape, dtype)
         sharding = _get_path(shardings, path) if shardings is not None else None
         _set_path(params, path, jax.device_put(value, sharding))
+    _check_finite(params, model_dir)
     return params
+
+
+def _check_finite(params: dict, model_dir: str) -> None:
+    """Refuses weights holding NaN or inf (they decode garbage and train to a NaN loss).
+
+    Checked on the device, where it is one fused pass at memory bandwidth, not on the host.
+    """
+    finite = jax.jit(lambda p: jax.tree.map(lambda x: jnp.isfinite(x).all(), p))(params)
+    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
+        if not ok:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ConfigError(f"checkpoint {model_dir} holds NaN or inf weights (in {name})")
 
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:

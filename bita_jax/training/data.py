@@ -40,8 +40,8 @@ class Example:
 def _jsonl_records(path: str, shard: tuple[int, int]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for this host's lines (line k goes to host k % count), blank lines skipped."""
     index, count = shard
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(_lines(f, path), 1):
             if (line_no - 1) % count != index or not line.strip():
                 continue
             where = f"{path} line {line_no}"
@@ -52,6 +52,14 @@ def _jsonl_records(path: str, shard: tuple[int, int]) -> Iterator[tuple[str, dic
             if not isinstance(record, dict):
                 raise UserError(f"{where}: expected a JSON object")
             yield where, record
+
+
+def _lines(f, path: str) -> Iterator[str]:
+    """The lines of an open text file; bytes that are not UTF-8 raise UserError."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 text (byte {e.start})") from None
 
 
 def _dataset_records(cfg: DataConfig, shard: tuple[int, int]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -89,7 +97,11 @@ def _ids(value: Any, where: str, name: str) -> list[int]:
 
 
 def read_examples(
-    cfg: DataConfig, model_dir: str, eos_id: int, shard: tuple[int, int] = (0, 1)
+    cfg: DataConfig,
+    model_dir: str,
+    eos_id: int,
+    shard: tuple[int, int] = (0, 1),
+    vocab_size: int | None = None,
 ) -> list[Example]:
     """This host's examples, tokenized; records are either ids (decode.py output) or text.
 
@@ -98,13 +110,17 @@ def read_examples(
       model_dir: checkpoint directory, whose tokenizer is loaded only if some record is text.
       eos_id: appended to targets that do not already end with it.
       shard: (process index, process count); this host keeps records index, index + count, ...
+      vocab_size: V of the model; ids >= V (the mask ids start at V) are refused.
 
     Raises:
-      UserError: a missing file, malformed line or record without the needed fields.
+      UserError: a missing file, malformed line or record without the needed fields, or ids
+        outside the vocabulary.
     """
     if not cfg.path:
         raise UserError("no training data given (--data FILE_OR_DATASET)")
     if cfg.path.endswith(".jsonl"):
+        if os.path.isdir(cfg.path):
+            raise UserError(f"data file {cfg.path} is a directory")
         if not os.path.isfile(cfg.path):
             raise UserError(f"data file not found: {cfg.path}")
         records = _jsonl_records(cfg.path, shard)
@@ -112,6 +128,7 @@ def read_examples(
         records = _dataset_records(cfg, shard)
     with_ids: list[tuple[list[int], list[int]]] = []
     with_text: list[tuple[str, str]] = []
+    id_wheres, text_wheres = [], []  # where each record came from, for errors
     for where, record in records:
         if "prompt_ids" in record and "output_ids" in record:
             with_ids.append(
@@ -120,6 +137,7 @@ def read_examples(
                     _ids(record["output_ids"], where, "output_ids"),
                 )
             )
+            id_wheres.append(where)
             continue
         missing = [f for f in (cfg.prompt_field, cfg.completion_field) if not isinstance(record.get(f), str)]
         if missing:
@@ -128,6 +146,7 @@ def read_examples(
                 f"{cfg.prompt_field!r} and {cfg.completion_field!r} (missing or not a string: {missing[0]!r})"
             )
         with_text.append((record[cfg.prompt_field], record[cfg.completion_field]))
+        text_wheres.append(where)
     if with_text:
         from bita_jax.io.hf import encode_prompts, load_tokenizer
 
@@ -136,6 +155,9 @@ def read_examples(
         # The response is tokenized on its own, as the reference template does and decode.py emits it.
         targets = [tokenizer.encode(c, add_special_tokens=False) for _, c in with_text]
         with_ids.extend(zip(sources, targets, strict=True))
+    if vocab_size is not None:
+        for where, ids in zip(id_wheres + text_wheres, with_ids, strict=True):
+            _check_vocab(ids[0] + ids[1], vocab_size, where)
     examples = []
     for source, target in with_ids:
         if not target or target[-1] != eos_id:
@@ -143,6 +165,21 @@ def read_examples(
         target = target[: max(cfg.max_length - len(source), 0)]
         examples.append(Example(tuple(source[: cfg.max_length]), tuple(target)))
     return examples
+
+
+def _check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
+    """Refuses token ids >= V: they index no embedding (V, V + 1, ... are the mask tokens' ids)."""
+    largest = max(ids, default=0)
+    if largest >= vocab_size:
+        raise UserError(
+            f"{where}: token id {largest} is not below the model's vocab_size {vocab_size} (ids from "
+            f"{vocab_size} on are BiTA's mask tokens; data from another tokenizer?)"
+        )
+
+
+def trainable_count(examples: list[Example], num_masks: int) -> int:
+    """Examples whose response is longer than M tokens: only they give any mask a label."""
+    return sum(len(e.target) > num_masks for e in examples)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -20,11 +22,12 @@ from tqdm import tqdm
 
 from bita_jax.bita.adapter import init_adapter
 from bita_jax.config import TrainConfig
-from bita_jax.errors import ConfigError
+from bita_jax.errors import ConfigError, Interrupted, UserError
 from bita_jax.io.adapter_files import save_adapter
 from bita_jax.io.hf import load_config, load_params
-from bita_jax.sharding import make_mesh, rules_from_overrides
-from bita_jax.training import data
+from bita_jax.io.paths import check_writable_dir, writing
+from bita_jax.sharding import check_mesh_fits, make_mesh, rules_from_overrides
+from bita_jax.training import data, resume
 from bita_jax.training.optimizer import make_optimizer
 from bita_jax.training.step import TrainState, make_train_step, step_shardings
 
@@ -77,7 +80,11 @@ def agreed_length(stream: data.BatchStream, sequences: list[dict[str, np.ndarray
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Trains the adapter, resuming from OUTPUT/checkpoints, and writes OUTPUT/adapter.
 
-    Returns the last logged metrics (with `step`).
+    Returns the last logged metrics (with `step`); `finished: True` when the run had already
+    reached its steps (nothing trained).
+
+    Raises:
+      Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the last finished step was saved first.
     """
     # orbax is imported only by training runs.
     from bita_jax.io import orbax_checkpoint as checkpoint
@@ -86,15 +93,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError("no model given (--model DIR)")
     if not cfg.output:
         raise ConfigError("no output directory given (--output DIR)")
+    check_writable_dir(cfg.output, f"--output {cfg.output}", create=True)
     model_cfg = load_config(cfg.model, dtype=resolve_dtype(cfg.dtype), remat=cfg.remat)
     mesh = make_mesh(cfg.mesh)
     rules = rules_from_overrides(cfg.sharding_rules)
+    check_mesh_fits(model_cfg, mesh, rules)
     check_batch(cfg, mesh)
     M = cfg.bita.num_mask_tokens
 
     shard = (jax.process_index(), jax.process_count())
-    examples = data.read_examples(cfg.data, cfg.model, model_cfg.eos_token_ids[0], shard)
-    num_examples = int(np.sum(multihost_utils.process_allgather(np.int64(len(examples)))))
+    eos_id = model_cfg.eos_token_ids[0]
+    examples = data.read_examples(cfg.data, cfg.model, eos_id, shard, model_cfg.vocab_size)
+    counts = multihost_utils.process_allgather(np.asarray([len(examples), data.trainable_count(examples, M)]))
+    num_examples, num_trainable = np.asarray(counts).reshape(-1, 2).sum(axis=0).tolist()
+    check_trainable(num_examples, num_trainable, M, cfg.data.path)
     steps_per_epoch = max(1, num_examples // cfg.batch_size)
     total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
     local_batch = cfg.batch_size // jax.process_count()
@@ -112,23 +124,37 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         opt_state=jax.jit(optimizer.init, out_shardings=sh.state.opt_state)(adapter),
     )
     position = {"epoch": 0, "index": 0}
-    os.makedirs(cfg.output, exist_ok=True)
     mngr = checkpoint.manager(os.path.join(cfg.output, CHECKPOINT_DIR), cfg.keep_checkpoints)
+    # Before the restore: a checkpoint of other shapes would fail deep inside orbax.
+    resume.check_same_run(cfg, has_checkpoint=mngr.latest_step() is not None)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(state, sh.state))
     if restored is not None:
         state, position = restored
     start = int(state.step)
+    is_main = jax.process_index() == 0
+    metrics_path = os.path.join(cfg.output, METRICS_FILE)
+    adapter_dir = os.path.join(cfg.output, ADAPTER_DIR)
+    if start >= total_steps:
+        if not os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors")):
+            with writing(adapter_dir):  # the run was killed before writing it
+                save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
+        return {**resume.last_metrics(metrics_path, start), "finished": True, "total_steps": total_steps}
+    if start and is_main:
+        print(f"resumed from step {start} of {total_steps} ({cfg.output})", file=sys.stderr)
+    if is_main:
+        resume.trim_metrics(metrics_path, start)  # steps after the checkpoint will be logged again
     base = load_params(cfg.model, model_cfg, sh.base)
     train_step = make_train_step(
         model_cfg, cfg.bita, optimizer, schedule, cfg.data.max_groups * M, cfg.seed, sh
     )
 
-    metrics_path = os.path.join(cfg.output, METRICS_FILE)
     last: dict[str, Any] = {"step": start}
-    is_main = jax.process_index() == 0
+    saved = start
     bar = tqdm(total=total_steps, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
     tokens_since, clock = 0, time.perf_counter()
-    with open(metrics_path, "a") if is_main else open(os.devnull, "w") as log:
+    with writing(metrics_path):
+        log = open(metrics_path, "a") if is_main else open(os.devnull, "w")
+    with log, bar, resume.StopSignals() as stop:  # the bar closes before an error is printed
         for step in range(start, total_steps):
             sequences = stream.sequences(position["epoch"], position["index"])
             local = data.collate(sequences, agreed_length(stream, sequences), model_cfg.pad_id)
@@ -137,8 +163,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             epoch, index = stream.advance(position["epoch"], position["index"])
             position = {"epoch": epoch, "index": index}
             done = step + 1
-            if done % cfg.log_every == 0 or done == total_steps:
+            stopping = stop.requested()
+            save_now = done % cfg.save_every == 0 or done == total_steps or stopping
+            if done % cfg.log_every == 0 or save_now:
                 m = jax.device_get(metrics)
+                check_finite_loss(float(m["loss"]), done, saved)  # never checkpoint a diverged state
+            if done % cfg.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
                 last = {
                     "step": done,
@@ -149,14 +179,46 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     "grad_norm": float(m["grad_norm"]),
                     "epoch": epoch,
                 }
-                log.write(json.dumps(last) + "\n")
-                log.flush()
+                with writing(metrics_path):
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=last["mask_acc"])
                 tokens_since, clock = 0, now
             bar.update(1)
-            if done % cfg.save_every == 0 or done == total_steps:
+            if save_now:
                 checkpoint.save(mngr, done, state, position)
-    bar.close()
+                saved = done
+            if stopping:
+                raise Interrupted(
+                    f"{stop.name} at step {done}: checkpoint saved in {mngr.directory}; "
+                    "run the same command again to resume"
+                )
     mngr.wait_until_finished()
-    save_adapter(os.path.join(cfg.output, ADAPTER_DIR), state.adapter, cfg.bita, cfg.model)
+    with writing(adapter_dir):
+        save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
     return last
+
+
+def check_trainable(num_examples: int, num_trainable: int, num_masks: int, path: str) -> None:
+    """Refuses data where no response is longer than M tokens (no mask gets a label); warns when
+    some are that short."""
+    if num_trainable == 0:
+        raise UserError(
+            f"no example in {path} has a response longer than the {num_masks} mask tokens "
+            "(EOS included): there is nothing to train them on"
+        )
+    if num_trainable < num_examples:
+        warnings.warn(
+            f"{num_examples - num_trainable} of {num_examples} examples in {path} have responses of at "
+            f"most {num_masks} tokens and train nothing",
+            stacklevel=2,
+        )
+
+
+def check_finite_loss(loss: float, step: int, saved: int) -> None:
+    """Stops a run whose loss became NaN or inf, before it is checkpointed."""
+    if not math.isfinite(loss):
+        raise UserError(
+            f"loss is {loss} at step {step}: training diverged (try a lower optimizer.learning_rate); "
+            f"the last checkpoint (step {saved}) is kept"
+        )

@@ -25,7 +25,7 @@ from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
-from bita_jax.sharding import make_mesh, mesh_rules, tree_shardings
+from bita_jax.sharding import check_mesh_fits, make_mesh, mesh_rules, tree_shardings
 
 MODES = ("ar", "bita")
 
@@ -251,10 +251,13 @@ def load(
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):
         mesh = make_mesh(MeshConfig.parse(mesh))
+    if mesh is not None:
+        check_mesh_fits(config, mesh)
     shardings = None if mesh is None else tree_shardings(abstract_params(config), mesh)
     params = hf.load_params(model_dir, config, shardings)
     bita_config = arrays = None
     if adapter is not None:
         bita_config, loaded = adapter_files.load_adapter(adapter, config)
+        adapter_files.warn_if_other_base(adapter, model_dir)
         arrays = place_adapter(loaded, mesh)
     return Model(config, params, tokenizer, arrays, bita_config, mesh)

@@ -3,13 +3,16 @@
   python decode.py        # no arguments: the packaged demo, BiTA vs AR on held-out prompts
   python decode.py --model DIR --mode ar --prompt "def add(a, b):" --max-new-tokens 64
   python decode.py --model DIR --prompts prompts.jsonl --batch-size 4 --output out.jsonl
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --compare     # --tree auto
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
 seconds; for bita `steps` counts tree steps) and prints a short summary. BiTA also prints tokens
 per step, the acceptance rate per draft level and, with --compare, the speedup over AR on the same
-prompts and whether every output is identical.
+prompts and whether every output is identical. `--tree auto` (the default) takes the tree that
+`python -m bita_jax.tune` stored with the adapter for this device, dtype and batch size, and
+decodes AR when no tree pays off there.
 """
 
 from __future__ import annotations
@@ -17,16 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
 from tqdm import tqdm
 
-from bita_jax import api, demo
-from bita_jax.bita.tree import DEFAULT_TREE
+from bita_jax import api
 from bita_jax.cli import UserError
 from bita_jax.cli.files import read_prompts, write_jsonl
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES
 from bita_jax.decoding.loop import SCAN_LAYERS
+from bita_jax.tuning.auto import AUTO
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
     parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors), for --mode bita")
-    parser.add_argument("--tree", default=DEFAULT_TREE, help="draft tree: upper:K, chain, or JSON paths")
+    parser.add_argument(
+        "--tree",
+        default=AUTO,
+        help="draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
+        "tree pays off), upper:K, chain, or JSON paths (default: auto)",
+    )
     parser.add_argument(
         "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
     )
@@ -73,9 +80,10 @@ def prompt_texts(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    is_demo = not argv  # no arguments: BiTA vs AR on the packaged demo (bita_jax/demo)
-    if is_demo:
-        argv = demo.demo_argv(jax.default_backend())
+    if not argv:  # no arguments: BiTA vs AR on the packaged demo (bita_jax/demo)
+        from bita_jax.cli.demo import run_demo
+
+        return run_demo()
     args = build_parser().parse_args(argv)
     if not args.model:
         raise UserError("--model DIR is required")
@@ -101,16 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=len(texts), desc=f"decode ({args.mode})", unit="prompt", file=sys.stderr) as progress:
         run = model.run(texts, mode=args.mode, on_batch=progress.update, **options)
         if run.mode == "bita":
-            tqdm.write(f"tree {args.tree}: {run.tree.describe()}", file=out)
+            tree_line = run.auto.note() if run.auto else f"tree {args.tree}: {run.tree.describe()}"
+            tqdm.write(tree_line, file=out)
             tqdm.write(acceptance_report(run.generations, run.accepted_per_level), file=out)
-            if args.compare:
-                progress.reset(total=len(texts))
-                progress.set_description("decode (ar, --compare)")
-                ar_run = model.run(texts, mode="ar", on_batch=progress.update, **options)
-                tqdm.write(comparison_report(run.generations, ar_run.generations), file=out)
-    if is_demo:
-        print(demo.format_completions(run.records))
-    else:
-        write_jsonl(run.records, args.output)
+        if args.mode == "bita" and args.compare:  # also when auto decoded AR: its cost against AR
+            progress.reset(total=len(texts))
+            progress.set_description("decode (ar, --compare)")
+            ar_run = model.run(texts, mode="ar", on_batch=progress.update, **options)
+            tqdm.write(comparison_report(run.generations, ar_run.generations), file=out)
+    write_jsonl(run.records, args.output)
     print(summarize(run.generations, run.compile_seconds), file=out)
     return 0

@@ -1,14 +1,14 @@
 """Measured step cost on the current device: the jitted tree step for a ladder of row counts, and AR.
 
-The steps are the decoding loop's own (`decoding.loop.ar_step`, `tree_step` plus the commit of its
-rows) on a cache of decode size, so the times are what decoding pays. A step's cost depends on
-its rows, not on what the drafts hold (shapes are fixed), so placeholder drafts serve. Each step is
-compiled and run once to warm up, then timed `repeats` times; the median counts.
+The steps are the decoding loop's own (`decoding.loop.ar_next`, `tree_step`, each with the write
+of its rows to the cache), run STEPS_PER_CALL at a time in one on-device loop as decoding runs
+them, on a cache of decode size, so the times are what decoding pays per step. A step's cost
+depends on its rows, not on what the drafts hold (shapes are fixed). Each loop is compiled and run
+once to warm up, then timed `repeats` times; the fastest call counts.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -18,12 +18,15 @@ import jax.numpy as jnp
 from bita_jax.bita.tree import DraftTree
 from bita_jax.config import ModelConfig
 from bita_jax.decoding.cache import KVCache
-from bita_jax.decoding.loop import make_ar_step
+from bita_jax.decoding.loop import ar_next
 from bita_jax.decoding.sampling import GREEDY, streams_for
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
 from bita_jax.errors import ConfigError
 from bita_jax.models.llama import LlamaModel
 from bita_jax.tuning.choice import StepCosts
+
+# Steps per timed call: one on-device loop, as decoding runs them (no per-step dispatch).
+STEPS_PER_CALL = 8
 
 
 def current_device_kind() -> str:
@@ -52,15 +55,17 @@ def ladder_trees(num_masks: int, max_rows: int) -> list[DraftTree]:
     return trees
 
 
-def median_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of run() (blocked until ready) after one untimed warm-up call."""
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Fastest wall time of run() (blocked until ready) over `repeats` calls after one untimed
+    warm-up call. The minimum, not the median: other processes only ever add time, so the fastest
+    call is the best estimate of the step's own cost."""
     jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def filled_cache(config: ModelConfig, batch_size: int, context_len: int, headroom: int) -> KVCache:
@@ -70,24 +75,46 @@ def filled_cache(config: ModelConfig, batch_size: int, context_len: int, headroo
     return cache.replace(length=jnp.full((batch_size,), context_len, jnp.int32))
 
 
-def make_timed_tree_step(config: ModelConfig, tree: DraftTree) -> Callable:
-    """Jitted `(params, adapter, cache, pending, drafts, streams) -> cache`: a greedy tree step and
-    the write of its commit rows, as the decoding loop does; the length stays put (count 0), so
-    repeated calls time one context length. The cache is donated (written in place)."""
+def make_tree_steps(config: ModelConfig, tree: DraftTree, num_steps: int) -> Callable:
+    """Jitted `(params, adapter, cache, pending, drafts, streams) -> cache`: num_steps greedy tree
+    steps in one on-device loop, each feeding the last one's bonus token and drafts and writing
+    its commit rows, as the decoding loop does. The length stays put (count 0), so every step
+    sees one context length. The cache is donated (written in place)."""
     model = LlamaModel(config)
 
-    def step(params, adapter, cache, pending, drafts, streams):
-        result = tree_step(model, tree, GREEDY, params, adapter, cache, pending, drafts, streams)
-        return cache.commit(result.commit_k, result.commit_v, jnp.zeros_like(cache.length))
+    def steps(params, adapter, cache, pending, drafts, streams):
+        def body(_, carry):
+            cache, pending, drafts = carry
+            result = tree_step(model, tree, GREEDY, params, adapter, cache, pending, drafts, streams)
+            cache = cache.commit(result.commit_k, result.commit_v, jnp.zeros_like(cache.length))
+            return cache, result.bonus, result.drafts
 
-    return jax.jit(step, donate_argnums=(2,))
+        return jax.lax.fori_loop(0, num_steps, body, (cache, pending, drafts))[0]
+
+    return jax.jit(steps, donate_argnums=(2,))
+
+
+def make_ar_steps(config: ModelConfig, num_steps: int) -> Callable:
+    """Jitted `(params, cache, pending, streams) -> cache`: num_steps greedy AR steps in one
+    on-device loop, each writing its row without advancing the length (as `make_tree_steps`)."""
+    model = LlamaModel(config)
+
+    def steps(params, cache, pending, streams):
+        def body(_, carry):
+            cache, pending = carry
+            next_tokens, (k, v) = ar_next(model, GREEDY, params, cache, pending, streams)
+            return cache.commit(k, v, jnp.zeros_like(cache.length)), next_tokens
+
+        return jax.lax.fori_loop(0, num_steps, body, (cache, pending))[0]
+
+    return jax.jit(steps, donate_argnums=(1,))
 
 
 def tree_step_seconds(
     config: ModelConfig, params: Any, adapter: Any, tree: DraftTree, cache: KVCache, repeats: int
 ) -> tuple[float, KVCache]:
-    """Median seconds of one tree step; returns the cache back (the step donates it)."""
-    step = make_timed_tree_step(config, tree)
+    """Seconds of one tree step in the loop; returns the cache back (the steps donate it)."""
+    steps = make_tree_steps(config, tree, STEPS_PER_CALL)
     batch = cache.length.shape[0]
     pending = jnp.zeros((batch,), jnp.int32)
     drafts = placeholder_drafts(tree, batch, config.vocab_size)
@@ -95,25 +122,25 @@ def tree_step_seconds(
     state = {"cache": cache}
 
     def run():
-        state["cache"] = step(params, adapter, state["cache"], pending, drafts, streams)
+        state["cache"] = steps(params, adapter, state["cache"], pending, drafts, streams)
         return state["cache"]
 
-    return median_seconds(run, repeats), state["cache"]
+    return best_seconds(run, repeats) / STEPS_PER_CALL, state["cache"]
 
 
-def ar_step_seconds(config: ModelConfig, params: Any, cache: KVCache, repeats: int) -> float:
-    """Median seconds of one AR step (each advances the cache by one: headroom >= repeats + 1)."""
-    step = make_ar_step(config)
+def ar_step_seconds(config: ModelConfig, params: Any, cache: KVCache, repeats: int) -> tuple[float, KVCache]:
+    """Seconds of one AR step in the loop; returns the cache back (the steps donate it)."""
+    steps = make_ar_steps(config, STEPS_PER_CALL)
     batch = cache.length.shape[0]
     pending = jnp.zeros((batch,), jnp.int32)
     streams = jnp.asarray(streams_for(0, range(batch)))
     state = {"cache": cache}
 
     def run():
-        _, state["cache"] = step(params, state["cache"], pending, streams)
+        state["cache"] = steps(params, state["cache"], pending, streams)
         return state["cache"]
 
-    return median_seconds(run, repeats)
+    return best_seconds(run, repeats) / STEPS_PER_CALL, state["cache"]
 
 
 def measure_step_costs(
@@ -133,20 +160,20 @@ def measure_step_costs(
       batch_sizes: the batch sizes of interest.
       trees: the ladder (e.g. `ladder_trees`); row counts must be distinct.
       context_len: committed tokens in the cache (attention reads every slot of the cache).
-      repeats: timed calls per step after one warm-up call.
+      repeats: timed calls (of STEPS_PER_CALL steps each) after one warm-up call.
 
     Returns:
       One StepCosts per batch size, in the order given.
     """
     trees = sorted(trees, key=lambda t: t.num_rows)
-    headroom = max(max(t.num_rows for t in trees), repeats + 1)
+    headroom = max(t.num_rows for t in trees)
     out = []
     for batch_size in batch_sizes:
         cache = filled_cache(config, batch_size, context_len, headroom)
+        ar_seconds, cache = ar_step_seconds(config, params, cache, repeats)
         seconds = []
         for tree in trees:
             tree_seconds, cache = tree_step_seconds(config, params, adapter, tree, cache, repeats)
             seconds.append(tree_seconds)
-        ar_seconds = ar_step_seconds(config, params, cache, repeats)
         out.append(StepCosts(batch_size, ar_seconds, tuple(t.num_rows for t in trees), tuple(seconds)))
     return out

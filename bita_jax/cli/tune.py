@@ -16,6 +16,7 @@ with measured tokens/s on the first --measure-prompts prompts, and writes tune.j
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -77,7 +78,9 @@ def measure_rows(
     for p in [tuning.choice.ar, *tuner.shown_trees(tuning)]:
         tau, speed = float("nan"), float("nan")
         if prompts:
-            tau, speed = tuner.measured_speed(model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens)
+            tau, speed, _ = tuner.measured_speed(
+                model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens
+            )
         rows.append(
             {
                 "tree": tree_label(p), "paths": None if p.tree is None else [list(x) for x in p.tree.paths],
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "tune.json"), "w") as f:
         json.dump({"device_kind": device_kind, "dtype": args.dtype, "results": results}, f, indent=1)
-    plot(results, title, os.path.join(args.output_dir, "tune.png"))
-    print(f"\nwrote {path}; tune.json and tune.png to {args.output_dir}", file=sys.stderr)
+    written = "tune.json"
+    if importlib.util.find_spec("matplotlib") is not None:  # not in every accelerator image
+        plot(results, title, os.path.join(args.output_dir, "tune.png"))
+        written += " and tune.png"
+    print(f"\nwrote {path}; {written} to {args.output_dir}", file=sys.stderr)
     return 0

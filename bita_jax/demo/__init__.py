@@ -48,6 +48,15 @@ WIDE_TREE = json.dumps(
 )
 
 
+def calibration_prompts(demo_dir: str = DEMO_DIR) -> list[str]:
+    """The held-out prompts that are not demo prompts: the tuner's calibration data for the demo,
+    so the demo's tokens per step checks the statistics on prompts they never saw."""
+    from bita_jax.cli.files import read_prompts
+
+    shown = set(read_prompts(os.path.join(demo_dir, "demo_prompts.jsonl")))
+    return [p for p in read_prompts(os.path.join(demo_dir, "prompts.jsonl")) if p not in shown]
+
+
 def format_completions(records: list[dict], max_lines: int = 6) -> str:
     """Compact prompts and completions (decode.py records) for the terminal: each prompt's last
     line, then the completion's first max_lines lines."""

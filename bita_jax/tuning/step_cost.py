@@ -4,7 +4,7 @@ The steps are the decoding loop's own (`decoding.loop.ar_next`, `tree_step`, eac
 of its rows to the cache), run STEPS_PER_CALL at a time in one on-device loop as decoding runs
 them, on a cache of decode size, so the times are what decoding pays per step. A step's cost
 depends on its rows, not on what the drafts hold (shapes are fixed). Each loop is compiled and run
-once to warm up, then timed `repeats` times; the fastest call counts.
+once to warm up, then timed in `repeats` interleaved rounds; the fastest call counts.
 """
 
 from __future__ import annotations
@@ -55,17 +55,20 @@ def ladder_trees(num_masks: int, max_rows: int) -> list[DraftTree]:
     return trees
 
 
-def best_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """Fastest wall time of run() (blocked until ready) over `repeats` calls after one untimed
-    warm-up call. The minimum, not the median: other processes only ever add time, so the fastest
-    call is the best estimate of the step's own cost."""
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved_best_seconds(runs: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Fastest wall time of each run() (blocked until ready) over `repeats` rounds that call every
+    run once, after one untimed warm-up call each. Rounds interleave the runs, so load from other
+    processes that comes and goes falls on all of them alike; and the minimum, not the median,
+    because other processes only ever add time."""
+    for run in runs:
         jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, seconds in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            seconds.append(time.perf_counter() - start)
+    return [min(seconds) for seconds in times]
 
 
 def filled_cache(config: ModelConfig, batch_size: int, context_len: int, headroom: int) -> KVCache:
@@ -110,37 +113,31 @@ def make_ar_steps(config: ModelConfig, num_steps: int) -> Callable:
     return jax.jit(steps, donate_argnums=(1,))
 
 
-def tree_step_seconds(
-    config: ModelConfig, params: Any, adapter: Any, tree: DraftTree, cache: KVCache, repeats: int
-) -> tuple[float, KVCache]:
-    """Seconds of one tree step in the loop; returns the cache back (the steps donate it)."""
-    steps = make_tree_steps(config, tree, STEPS_PER_CALL)
-    batch = cache.length.shape[0]
-    pending = jnp.zeros((batch,), jnp.int32)
-    drafts = placeholder_drafts(tree, batch, config.vocab_size)
-    streams = jnp.asarray(streams_for(0, range(batch)))
-    state = {"cache": cache}
-
-    def run():
-        state["cache"] = steps(params, adapter, state["cache"], pending, drafts, streams)
-        return state["cache"]
-
-    return best_seconds(run, repeats) / STEPS_PER_CALL, state["cache"]
-
-
-def ar_step_seconds(config: ModelConfig, params: Any, cache: KVCache, repeats: int) -> tuple[float, KVCache]:
-    """Seconds of one AR step in the loop; returns the cache back (the steps donate it)."""
-    steps = make_ar_steps(config, STEPS_PER_CALL)
+def step_runs(
+    config: ModelConfig, params: Any, adapter: Any, trees: Sequence[DraftTree], cache: KVCache
+) -> list[Callable[[], KVCache]]:
+    """Calls of STEPS_PER_CALL AR steps, then of each tree's steps, sharing one donated cache."""
     batch = cache.length.shape[0]
     pending = jnp.zeros((batch,), jnp.int32)
     streams = jnp.asarray(streams_for(0, range(batch)))
     state = {"cache": cache}
+    ar_steps = make_ar_steps(config, STEPS_PER_CALL)
 
-    def run():
-        state["cache"] = steps(params, state["cache"], pending, streams)
+    def ar_run():
+        state["cache"] = ar_steps(params, state["cache"], pending, streams)
         return state["cache"]
 
-    return best_seconds(run, repeats) / STEPS_PER_CALL, state["cache"]
+    def tree_run(tree: DraftTree) -> Callable[[], KVCache]:
+        steps = make_tree_steps(config, tree, STEPS_PER_CALL)
+        drafts = placeholder_drafts(tree, batch, config.vocab_size)
+
+        def run():
+            state["cache"] = steps(params, adapter, state["cache"], pending, drafts, streams)
+            return state["cache"]
+
+        return run
+
+    return [ar_run, *(tree_run(t) for t in trees)]
 
 
 def measure_step_costs(
@@ -150,7 +147,7 @@ def measure_step_costs(
     batch_sizes: Sequence[int],
     trees: Sequence[DraftTree],
     context_len: int = 256,
-    repeats: int = 5,
+    repeats: int = 20,
 ) -> list[StepCosts]:
     """Tree-step seconds of each tree's row count, and AR-step seconds, at each batch size.
 
@@ -160,7 +157,7 @@ def measure_step_costs(
       batch_sizes: the batch sizes of interest.
       trees: the ladder (e.g. `ladder_trees`); row counts must be distinct.
       context_len: committed tokens in the cache (attention reads every slot of the cache).
-      repeats: timed calls (of STEPS_PER_CALL steps each) after one warm-up call.
+      repeats: rounds of timed calls (STEPS_PER_CALL steps each) after one warm-up call each.
 
     Returns:
       One StepCosts per batch size, in the order given.
@@ -170,10 +167,7 @@ def measure_step_costs(
     out = []
     for batch_size in batch_sizes:
         cache = filled_cache(config, batch_size, context_len, headroom)
-        ar_seconds, cache = ar_step_seconds(config, params, cache, repeats)
-        seconds = []
-        for tree in trees:
-            tree_seconds, cache = tree_step_seconds(config, params, adapter, tree, cache, repeats)
-            seconds.append(tree_seconds)
-        out.append(StepCosts(batch_size, ar_seconds, tuple(t.num_rows for t in trees), tuple(seconds)))
+        runs = step_runs(config, params, adapter, trees, cache)
+        ar, *tree_seconds = [t / STEPS_PER_CALL for t in interleaved_best_seconds(runs, repeats)]
+        out.append(StepCosts(batch_size, ar, tuple(t.num_rows for t in trees), tuple(tree_seconds)))
     return out

@@ -64,11 +64,12 @@ def acceptance_statistics(model: Model, examples: list[data.Example], max_rank: 
 
 
 def with_exact_rows(costs: StepCosts, extra: StepCosts) -> StepCosts:
-    """costs with the tree steps measured in `extra` added (their own times replace interpolation)."""
+    """costs with the tree steps of `extra` added and its AR step: `extra` times the finalists
+    against AR in one interleaved measurement, so the choice between them rests on it."""
     rows = dict(zip(costs.tree_rows, costs.tree_seconds, strict=True))
     rows.update(zip(extra.tree_rows, extra.tree_seconds, strict=True))
     ordered = sorted(rows)
-    return StepCosts(costs.batch_size, costs.ar_seconds, tuple(ordered), tuple(rows[r] for r in ordered))
+    return StepCosts(costs.batch_size, extra.ar_seconds, tuple(ordered), tuple(rows[r] for r in ordered))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +93,12 @@ def tune_batch_size(
     batch_size: int,
     max_rows: int = DEFAULT_MAX_ROWS,
     refine: int = 3,
-    repeats: int = 10,
+    repeats: int = 20,
 ) -> Tuning:
     """Measures step costs at one batch size and picks the tree with the most predicted tokens/s.
 
     The ladder's row counts are interpolated; the `refine` best-predicted candidates' own row
-    counts are then measured too, and the choice is made on those times.
+    counts are then measured against AR once more, and the choice is made on those times.
     """
     num_masks = stats.num_masks
     ladder = step_cost.ladder_trees(num_masks, max_rows)
@@ -143,13 +144,17 @@ def shown_trees(tuning: Tuning, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64
 
 
 def measured_speed(model: Model, prompts: list[str], tree: DraftTree | None, batch_size: int,
-                   max_new_tokens: int) -> tuple[float, float]:  # fmt: skip
-    """(tokens per step, tokens/s) of decoding prompts with the tree (None: AR), compiles excluded."""
+                   max_new_tokens: int, runs: int = 2) -> tuple[float, float, list[list[int]]]:  # fmt: skip
+    """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
+    compiles excluded; the fastest of `runs` runs (the first also warms the executable up)."""
     if tree is None:
-        run = model.run(prompts, max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
+        options = {"mode": "ar"}
     else:
-        spec = json.dumps([list(p) for p in tree.paths])
-        run = model.run(prompts, max_new_tokens=max_new_tokens, mode="bita", tree=spec, batch_size=batch_size)
+        options = {"mode": "bita", "tree": json.dumps([list(p) for p in tree.paths])}
+    seconds = []
+    for _ in range(runs):
+        run = model.run(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **options)
+        seconds.append(run.seconds)
     tokens = sum(len(g.output_ids) for g in run.generations)
     steps = sum(g.steps for g in run.generations)
-    return tokens / steps, tokens / run.seconds
+    return tokens / steps, tokens / min(seconds), [g.output_ids for g in run.generations]

@@ -15,6 +15,7 @@ import jax
 from tqdm import tqdm
 
 from bita_jax import api, demo
+from bita_jax.cli.decode import fastest_of_two
 from bita_jax.cli.files import read_prompts
 from bita_jax.tuning.auto import AUTO, AutoTree
 
@@ -76,7 +77,8 @@ def run_demo() -> int:
         def decode(description: str, **how) -> api.Run:
             bar.reset(total=len(texts))
             bar.set_description(description)
-            return model.run(texts, on_batch=bar.update, **options, **how)
+            first = model.run(texts, on_batch=bar.update, **options, **how)
+            return fastest_of_two(model, texts, first, **options, **how)
 
         auto_run = decode("demo (bita, --tree auto)", mode="bita", tree=AUTO)
         auto = auto_run.auto

@@ -113,7 +113,8 @@ def tune_batch_size(
         if len(top) == refine:
             break
         top.setdefault(p.rows, p.tree)
-    costs = with_exact_rows(costs, measure(list(top.values())))
+    if top:  # no candidates when no rank path was ever followed: AR
+        costs = with_exact_rows(costs, measure(list(top.values())))
     return Tuning(costs, predict(candidates, costs), choose(candidates, costs))
 
 

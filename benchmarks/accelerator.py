@@ -5,7 +5,8 @@
 
 1. Verification cost: one tree step / one AR step, random weights (a step's time does not depend on
    them), each step timed in an on-device loop of the decoding loop's own steps
-   (bita_jax.tuning.step_cost), the cache at --context committed tokens; fastest of interleaved
+   (bita_jax.tuning.step_cost), the cache sized as decoding sizes it for a prompt of the preset's
+   context and 128 new tokens; fastest of interleaved
    rounds. Steps of one shape and batch are compiled concurrently (threads) to bound the wall time.
 2. AR tokens/s against the memory-bandwidth bound: B / AR step seconds, against measured copy
    bandwidth / weight bytes (each AR step reads every weight once).
@@ -43,15 +44,17 @@ from bita_jax.models.llama import init_params  # noqa: E402
 from bita_jax.tuning import step_cost  # noqa: E402
 from scripts.aot_train_memory import LLAMA2_7B  # noqa: E402
 
+NEW_TOKENS = 128  # the cache holds --context prompt tokens and room for this many new ones
 LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
               "num_hidden_layers": 40, "num_key_value_heads": 40}  # fmt: skip
 TINY = {**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_hidden_layers": 2, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
 FULL = {"shapes": {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B}, "dtype": "bfloat16",
         "batch_sizes": (1, 8, 32), "context": 512, "repeats": 10, "demo_batch_sizes": "1,8",
-        "demo_max_new_tokens": 128, "demo_measure_prompts": 8}  # fmt: skip
+        "demo_max_new_tokens": 128, "demo_measure_prompts": 8, "demo_max_rows": 160}  # fmt: skip
 SMALL = {"shapes": {"tiny": TINY}, "dtype": "float32", "batch_sizes": (1, 2), "context": 32, "repeats": 2,
-         "demo_batch_sizes": "1", "demo_max_new_tokens": 16, "demo_measure_prompts": 0}  # fmt: skip
+         "demo_batch_sizes": "1", "demo_max_new_tokens": 16, "demo_measure_prompts": 0,
+         "demo_max_rows": 10}  # fmt: skip
 
 
 def device_line() -> str:
@@ -72,8 +75,8 @@ def copy_bandwidth(num_bytes: int, repeats: int) -> float:
 
 def compiled_step_runs(config: ModelConfig, params, adapter, trees, batch: int, context: int):
     """Like step_cost.step_runs, with every step compiled ahead of time, concurrently."""
-    headroom = max(t.num_rows for t in trees)
-    state = {"cache": step_cost.filled_cache(config, batch, context, headroom)}
+    step_rows = max(t.step_rows for t in trees)
+    state = {"cache": step_cost.decode_cache(config, batch, context, NEW_TOKENS, step_rows)}
     pending = jnp.zeros((batch,), jnp.int32)
     streams = jnp.asarray(streams_for(0, range(batch)))
     calls = [
@@ -158,7 +161,8 @@ def demo_end_to_end(preset: dict, work: str) -> dict:
     tune_cli.main([
         "--model", demo.MODEL_DIR, "--adapter", adapter_dir, "--data", calibration,
         "--batch-sizes", preset["demo_batch_sizes"], "--max-new-tokens", str(preset["demo_max_new_tokens"]),
-        "--measure-prompts", str(preset["demo_measure_prompts"]), "--output-dir", os.path.join(work, "tune"),
+        "--measure-prompts", str(preset["demo_measure_prompts"]), "--max-rows", str(preset["demo_max_rows"]),
+        "--output-dir", os.path.join(work, "tune"),
     ])  # fmt: skip
     tune_seconds = time.perf_counter() - start
     model = bita_jax.load(demo.MODEL_DIR, adapter=adapter_dir)

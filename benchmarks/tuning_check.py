@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bita_jax  # noqa: E402
@@ -53,8 +55,15 @@ def main() -> int:
     if auto.choice is not None and auto.choice.best_tree is not None and auto.tree is None:
         trees["best (auto: AR)"] = auto.choice.best_tree.tree
     by_rows = {t.num_rows: t for t in trees.values()}  # one measurement per row count
+    prompt_len = int(np.median([len(ids) for ids in model.encode(texts)]))
     (costs,) = step_cost.measure_step_costs(
-        model.config, model.params, model.adapter, [B], list(by_rows.values())
+        model.config,
+        model.params,
+        model.adapter,
+        [B],
+        list(by_rows.values()),
+        prompt_len,
+        args.max_new_tokens,
     )
     ar_tau, ar_tps, ar_ids = tuner.measured_speed(model, texts, None, B, args.max_new_tokens)
     ar_pred = B / costs.ar_seconds

@@ -281,7 +281,7 @@ def test_step_cost_ladder_runs_the_decode_steps(tiny):
     assert [t.num_rows for t in trees] == [4, 9, 20]
     assert all(t.depth <= 3 for t in trees)
     (measured,) = step_cost.measure_step_costs(
-        config, params, adapter, [2], trees[:2], context_len=16, repeats=1
+        config, params, adapter, [2], trees[:2], prompt_len=8, max_new_tokens=8, repeats=1
     )
     assert measured.batch_size == 2 and measured.tree_rows == (4, 9)
     assert measured.ar_seconds > 0 and all(s > 0 for s in measured.tree_seconds)

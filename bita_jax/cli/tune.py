@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from bita_jax import api
 from bita_jax.cli import UserError
 from bita_jax.cli.bench import parse_batch_sizes
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(stats.counts)} rank paths ({time.perf_counter() - start:.1f} s)",
         file=sys.stderr,
     )
+    prompt_len = int(np.median([len(e.source) for e in examples]))  # step costs: caches sized for these
     prompts = []
     if args.measure_prompts > 0:
         from bita_jax.cli.files import read_prompts
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     results, choices = [], []
     for batch in batch_sizes:
         start = time.perf_counter()
-        tuning = tuner.tune_batch_size(model, stats, batch, args.max_rows)
+        tuning = tuner.tune_batch_size(model, stats, batch, args.max_rows, prompt_len, args.max_new_tokens)
         choices.append(tuning.choice)
         print(f"batch {batch}: step costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         rows = measure_rows(model, tuning, prompts, args.max_new_tokens)

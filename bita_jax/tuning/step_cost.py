@@ -2,7 +2,7 @@
 
 The steps are the decoding loop's own (`decoding.loop.ar_next`, `tree_step`, each with the write
 of its rows to the cache), run STEPS_PER_CALL at a time in one on-device loop as decoding runs
-them, on a cache of decode size, so the times are what decoding pays per step. A step's cost
+them, on a cache of the size decoding allocates, so the times are what decoding pays per step. A step's cost
 depends on its rows, not on what the drafts hold (shapes are fixed). Each loop is compiled and run
 once to warm up, then timed in `repeats` interleaved rounds; the fastest call counts.
 """
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from bita_jax.bita.tree import DraftTree
 from bita_jax.config import ModelConfig
 from bita_jax.decoding.cache import KVCache
-from bita_jax.decoding.loop import ar_next
+from bita_jax.decoding.loop import ar_next, cache_length
+from bita_jax.decoding.runner import prompt_bucket
 from bita_jax.decoding.sampling import GREEDY, streams_for
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
 from bita_jax.errors import ConfigError
@@ -71,11 +72,15 @@ def interleaved_best_seconds(runs: Sequence[Callable[[], Any]], repeats: int) ->
     return [min(seconds) for seconds in times]
 
 
-def filled_cache(config: ModelConfig, batch_size: int, context_len: int, headroom: int) -> KVCache:
-    """A cache of context_len committed (zero) tokens per row and headroom free slots."""
-    max_len = -(-(context_len + headroom) // 16) * 16
+def decode_cache(
+    config: ModelConfig, batch_size: int, prompt_len: int, max_new_tokens: int, step_rows: int
+) -> KVCache:
+    """A cache of the size decoding allocates for prompts of prompt_len tokens, max_new_tokens and
+    a step that commits up to step_rows rows (decoding.loop.cache_length), filled to the middle of
+    the generation. Attention reads every slot, so the size is what matters for the step's cost."""
+    max_len = cache_length(prompt_bucket(prompt_len), max_new_tokens, step_rows)
     cache = KVCache.init(config, batch_size, max_len)
-    return cache.replace(length=jnp.full((batch_size,), context_len, jnp.int32))
+    return cache.replace(length=jnp.full((batch_size,), prompt_len + max_new_tokens // 2, jnp.int32))
 
 
 def make_tree_steps(config: ModelConfig, tree: DraftTree, num_steps: int) -> Callable:
@@ -146,7 +151,8 @@ def measure_step_costs(
     adapter: Any,
     batch_sizes: Sequence[int],
     trees: Sequence[DraftTree],
-    context_len: int = 256,
+    prompt_len: int = 64,
+    max_new_tokens: int = 128,
     repeats: int = 20,
 ) -> list[StepCosts]:
     """Tree-step seconds of each tree's row count, and AR-step seconds, at each batch size.
@@ -156,17 +162,17 @@ def measure_step_costs(
       params, adapter: base params and BiTA adapter on the device.
       batch_sizes: the batch sizes of interest.
       trees: the ladder (e.g. `ladder_trees`); row counts must be distinct.
-      context_len: committed tokens in the cache (attention reads every slot of the cache).
+      prompt_len, max_new_tokens: the decoding the cache is sized for (`decode_cache`).
       repeats: rounds of timed calls (STEPS_PER_CALL steps each) after one warm-up call each.
 
     Returns:
       One StepCosts per batch size, in the order given.
     """
     trees = sorted(trees, key=lambda t: t.num_rows)
-    headroom = max(t.num_rows for t in trees)
+    step_rows = max(t.step_rows for t in trees)
     out = []
     for batch_size in batch_sizes:
-        cache = filled_cache(config, batch_size, context_len, headroom)
+        cache = decode_cache(config, batch_size, prompt_len, max_new_tokens, step_rows)
         runs = step_runs(config, params, adapter, trees, cache)
         ar, *tree_seconds = [t / STEPS_PER_CALL for t in interleaved_best_seconds(runs, repeats)]
         out.append(StepCosts(batch_size, ar, tuple(t.num_rows for t in trees), tuple(tree_seconds)))

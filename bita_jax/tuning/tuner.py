@@ -92,18 +92,21 @@ def tune_batch_size(
     stats: AcceptanceStats,
     batch_size: int,
     max_rows: int = DEFAULT_MAX_ROWS,
+    prompt_len: int = 64,
+    max_new_tokens: int = 128,
     refine: int = 3,
     repeats: int = 20,
 ) -> Tuning:
     """Measures step costs at one batch size and picks the tree with the most predicted tokens/s.
 
     The ladder's row counts are interpolated; the `refine` best-predicted candidates' own row
-    counts are then measured against AR once more, and the choice is made on those times.
+    counts are then measured against AR once more, and the choice is made on those times. The
+    cache is sized for prompts of prompt_len tokens and max_new_tokens, as decoding sizes it.
     """
     num_masks = stats.num_masks
     ladder = step_cost.ladder_trees(num_masks, max_rows)
     measure = lambda trees: step_cost.measure_step_costs(  # noqa: E731
-        model.config, model.params, model.adapter, [batch_size], trees, repeats=repeats
+        model.config, model.params, model.adapter, [batch_size], trees, prompt_len, max_new_tokens, repeats
     )[0]
     costs = measure(ladder)
     candidates = stats.best_trees(costs.tree_rows[-1])

@@ -2,7 +2,7 @@
 
     import bita_jax
     model = bita_jax.load("MODEL_DIR", adapter="ADAPTER_DIR", dtype="float32")
-    records = model.generate(["def add(a, b):"], max_new_tokens=64, mode="bita", tree="upper:5")
+    records = model.generate(["def add(a, b):"], max_new_tokens=64, mode="bita", tree="auto")
 
 `generate` returns the records decode.py writes, in input order. Compiled generate functions are
 cached on the Model, so a second call with the same shapes does not compile again.
@@ -11,13 +11,14 @@ cached on the Model, so a second call with the same shapes does not compile agai
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable
 
 import numpy as np
 from jax.sharding import Mesh
 
 from bita_jax.bita.adapter import Adapter, place_adapter
-from bita_jax.bita.tree import DEFAULT_TREE, DraftTree, parse_tree
+from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler
@@ -26,6 +27,8 @@ from bita_jax.io import adapter_files, hf
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import check_mesh_fits, make_mesh, mesh_rules, tree_shardings
+from bita_jax.tuning.auto import AUTO, AutoTree, resolve_auto_tree
+from bita_jax.tuning.choice import TreeStore, load_store
 
 MODES = ("ar", "bita")
 
@@ -36,6 +39,8 @@ class Run:
 
     Attributes:
       accepted_per_level: BiTA only, [prompts, Dt] steps in which draft level m was accepted.
+      auto: what `tree="auto"` resolved to (None for other trees and mode "ar"); when it chose AR,
+        `mode` is "ar".
     """
 
     mode: str
@@ -46,6 +51,7 @@ class Run:
     compile_seconds: float
     tree: DraftTree | None = None
     accepted_per_level: np.ndarray | None = None
+    auto: AutoTree | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +61,8 @@ class GenerateOptions:
     Attributes:
       max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
       mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
-      tree: BiTA draft tree spec (`upper:K`, `chain` or JSON rank paths).
+      tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype
+        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths.
       batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
       chat: wrap prompts in the tokenizer's chat template.
       temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature), after
@@ -66,7 +73,7 @@ class GenerateOptions:
 
     max_new_tokens: int = 128
     mode: str | None = None
-    tree: str = DEFAULT_TREE
+    tree: str = AUTO
     batch_size: int = 1
     chat: bool = False
     temperature: float = 0.0
@@ -85,6 +92,8 @@ class Model:
     adapter: Adapter | None = None
     bita_config: BiTAConfig | None = None
     mesh: Mesh | None = None
+    tree_store: TreeStore | None = None  # the adapter's trees.json, for tree="auto"
+    _auto: dict[int, AutoTree] = dataclasses.field(default_factory=dict, repr=False)  # batch -> auto
     # Compiled generate functions by (mode, tree, max_new_tokens, sampler); each holds one
     # executable per input shape.
     _compiled: dict[Any, runner.CompiledByShape] = dataclasses.field(default_factory=dict, repr=False)
@@ -108,8 +117,12 @@ class Model:
 
     def _plan(
         self, prompts: list[str], options: GenerateOptions
-    ) -> tuple[str, DraftTree | None, Sampler, list[list[int]]]:
-        """Validates a request: (mode, draft tree or None, sampler, prompt ids)."""
+    ) -> tuple[str, DraftTree | None, Sampler, list[list[int]], int]:
+        """Validates a request: (mode, draft tree or None, sampler, prompt ids, batch size).
+
+        A batch larger than the prompts would only decode copies of the last prompt: it is clamped
+        to the prompts (rounded up to the mesh's data*fsdp).
+        """
         sampler = Sampler(options.temperature, options.top_k, options.top_p)
         seed, batch_size = options.seed, options.batch_size
         if not isinstance(seed, int) or not 0 <= seed < 2**31:
@@ -123,15 +136,38 @@ class Model:
             ways = self._data_ways()
             if batch_size % ways:
                 raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
+        ways = self._data_ways()
+        batch_size = min(batch_size, ways * -(-len(prompts) // ways))
         draft_tree = None
         if mode == "bita":
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
-            draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
-            draft_tree.check_vocab(self.config.vocab_size)
+            if options.tree == AUTO:
+                draft_tree = self.auto_tree(batch_size).tree
+                mode = "bita" if draft_tree is not None else "ar"
+            else:
+                draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
+                draft_tree.check_vocab(self.config.vocab_size)
         prompt_ids = self.encode(prompts, options.chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], options.max_new_tokens)
-        return mode, draft_tree, sampler, prompt_ids
+        return mode, draft_tree, sampler, prompt_ids, batch_size
+
+    def auto_tree(self, batch_size: int) -> AutoTree:
+        """What tree="auto" decodes with at this batch size (resolved once per Model and batch size).
+
+        Says in one line on stderr when it decodes AR, measured step costs, or fell back to the
+        default tree for lack of statistics; a stored tree choice is silent.
+        """
+        if batch_size not in self._auto:
+            with mesh_rules(self.mesh):
+                auto = resolve_auto_tree(
+                    self.tree_store, self.config, self.params, self.adapter,
+                    self.bita_config.num_mask_tokens, batch_size,
+                )  # fmt: skip
+            if auto.tree is None or auto.source != "stored":
+                print(auto.note(), file=sys.stderr)
+            self._auto[batch_size] = auto
+        return self._auto[batch_size]
 
     def run(
         self,
@@ -153,7 +189,8 @@ class Model:
             prompts (rounded up to the mesh's data*fsdp).
         """
         options = GenerateOptions(**options)
-        mode, draft_tree, policy, prompt_ids = self._plan(prompts, options)
+        requested_mode = options.mode or ("bita" if self.adapter is not None else "ar")
+        mode, draft_tree, policy, prompt_ids, batch_size = self._plan(prompts, options)
         max_new_tokens = options.max_new_tokens
 
         if mode == "bita":
@@ -171,9 +208,6 @@ class Model:
         sampling = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "seed")}
         accepted = []
         finished = 0  # prompts decoded so far
-        # A batch larger than the prompts only decodes copies of the last prompt.
-        ways = self._data_ways()
-        batch_size = min(options.batch_size, ways * -(-len(prompts) // ways))
 
         def batch_done(state, batch: list[runner.Generation]):
             nonlocal finished
@@ -204,6 +238,7 @@ class Model:
             compile_seconds=compiled.compile_seconds - compile_before,
             tree=draft_tree,
             accepted_per_level=np.concatenate(accepted) if accepted else None,
+            auto=self._auto.get(batch_size) if options.tree == AUTO and requested_mode == "bita" else None,
         )
 
 
@@ -241,7 +276,8 @@ def load(
 
     Args:
       model_dir: checkpoint directory (config.json, safetensors, tokenizer).
-      adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json).
+      adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json;
+        trees.json, written by `python -m bita_jax.tune`, serves tree="auto").
       dtype: "float32" or "bfloat16", the weights' and activations' dtype.
       mesh: a (data, fsdp, tensor) Mesh, or its spec such as "data=1,fsdp=1,tensor=8";
         default one device.
@@ -255,9 +291,10 @@ def load(
         check_mesh_fits(config, mesh)
     shardings = None if mesh is None else tree_shardings(abstract_params(config), mesh)
     params = hf.load_params(model_dir, config, shardings)
-    bita_config = arrays = None
+    bita_config = arrays = tree_store = None
     if adapter is not None:
         bita_config, loaded = adapter_files.load_adapter(adapter, config)
         adapter_files.warn_if_other_base(adapter, model_dir)
         arrays = place_adapter(loaded, mesh)
-    return Model(config, params, tokenizer, arrays, bita_config, mesh)
+        tree_store = load_store(adapter)
+    return Model(config, params, tokenizer, arrays, bita_config, mesh, tree_store)

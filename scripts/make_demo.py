@@ -16,6 +16,9 @@ interrupted run continues; --force redoes them all):
   5. self-distillation with `decode.py --mode ar`, then the adapter with `train.py`.
   6. the model, tokenizer, adapter and held-out prompts are copied into --out (package data);
      the first --demo-prompts of them are what `python decode.py` (no arguments) completes.
+  7. the tree tuner (`python -m bita_jax.tune`) calibrates on the other held-out prompts and
+     writes the adapter's trees.json (statistics and this machine's choice, batch 1 and 4);
+     `--tune-only` redoes just this stage on the packaged demo.
 Everything is seeded; the same Python version and library versions reproduce the same files.
 """
 
@@ -353,12 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-steps", type=int, default=400)
     p.add_argument("--adapter-batch-size", type=int, default=8)
     p.add_argument("--adapter-learning-rate", type=float, default=3e-2)
+    p.add_argument("--tune-only", action="store_true", help="only stage 7 on the packaged demo in --out")
     return p
+
+
+def tune_demo(args) -> None:
+    """Stage 7: trees.json of the packaged adapter, calibrated on the held-out prompts that are not
+    demo prompts (so the demo's measured tokens per step checks the prediction on unseen prompts)."""
+    from bita_jax.demo import calibration_prompts
+
+    calibration = os.path.join(args.work, "calibration_prompts.jsonl")
+    os.makedirs(args.work, exist_ok=True)
+    write_jsonl([{"prompt": p} for p in calibration_prompts(args.out)], calibration)
+    run_cli([
+        "-m", "bita_jax.tune", "--model", os.path.join(args.out, "model"),
+        "--adapter", os.path.join(args.out, "adapter"), "--data", calibration, "--batch-sizes", "1,4",
+        "--max-new-tokens", str(args.max_new_tokens), "--output-dir", os.path.join(args.work, "tune"),
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.tune_only:
+        tune_demo(args)
+        return 0
     os.makedirs(args.work, exist_ok=True)
     stdlib = sysconfig.get_paths()["stdlib"]
     train, held = split_corpus(collect_corpus(stdlib))
@@ -407,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe["adapter_training"] = json.loads(f.read().splitlines()[-1])
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump(recipe, f, indent=2)
+    tune_demo(args)
     files = [os.path.join(d, n) for d, _, names in os.walk(args.out) for n in names]
     for path in files:
         os.chmod(path, 0o644)  # safetensors writes 0600; installed package data must be readable

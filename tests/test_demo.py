@@ -51,11 +51,26 @@ def test_demo_bita_equals_ar_with_several_tokens_per_step(demo_model):
     model, texts = demo_model
     options = dict(max_new_tokens=MAX_NEW, batch_size=2)
     ar = model.generate(texts[:2], mode="ar", **options)
-    bita = model.generate(texts[:2], mode="bita", tree=demo.demo_tree("cpu"), **options)
+    bita = model.generate(texts[:2], mode="bita", tree=demo.WIDE_TREE, **options)
     for a, b in zip(ar, bita, strict=True):
         assert b["output_ids"] == a["output_ids"]
     tokens_per_step = sum(r["new_tokens"] for r in bita) / sum(r["steps"] for r in bita)
     assert tokens_per_step >= 2.0, f"BiTA made {tokens_per_step:.2f} tokens per step on held-out prompts"
+
+
+def test_demo_ships_statistics_that_predict_tokens_per_step(demo_model):
+    """trees.json holds statistics of the calibration prompts (held out, not the demo's) and a CPU
+    choice; on the unseen demo prompts its best tree's replayed tokens per step is within 15%."""
+    model, _ = demo_model
+    store = model.tree_store
+    assert len(store.statistics.sequences) == len(demo.calibration_prompts())
+    assert {key[2] for key in store.choices if key[:2] == ("cpu", "float32")} >= {1}
+    best = store.lookup("cpu", "float32", 1).best_tree
+    spec = json.dumps([list(p) for p in best.tree.paths])
+    runs = model.generate(read_prompts(demo.DEMO_PROMPTS_FILE), max_new_tokens=128, mode="bita", tree=spec)
+    measured = sum(r["new_tokens"] for r in runs) / sum(r["steps"] for r in runs)
+    assert best.tau == pytest.approx(store.statistics.replayed_tokens(best.tree))
+    assert abs(best.tau / measured - 1) <= 0.15, (best.tau, measured)
 
 
 @pytest.mark.slow
@@ -65,8 +80,11 @@ def test_decode_py_without_arguments_runs_the_demo(capsys):
     import decode
 
     assert decode.main([]) == 0
-    out, err = capsys.readouterr()
+    out, _ = capsys.readouterr()
     assert "--- completion 1" in out
-    assert "identical outputs: yes" in err
-    tokens_per_step = float(re.search(r"tokens per step ([0-9.]+)", err).group(1))
-    assert tokens_per_step >= 2.0
+    *_, identical, tokens, chose, speedup, why = out.strip().splitlines()
+    assert identical == "identical outputs (BiTA vs AR): yes"
+    assert float(re.match(r"tokens per step: ([0-9.]+) with BiTA", tokens).group(1)) > 1.0
+    assert chose.startswith("tree auto chose on cpu float32 batch 1: ")
+    assert speedup.startswith("measured speedup of --tree auto over AR: ")
+    assert why.startswith("why little on a CPU") and "accelerator figures" in why

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trees",
         nargs="+",
-        help="tree specs: upper:K, chain or JSON paths (default: upper:5 and the demo's tree)",
+        help="tree specs: upper:K, chain or JSON paths (default: upper:5 and the demo's wide tree)",
     )
     parser.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers (PyTorch) methods")
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     import jax
 
-    trees = args.trees or list(dict.fromkeys(["upper:5", demo.demo_tree(jax.default_backend())]))
+    trees = args.trees or ["upper:5", demo.WIDE_TREE]
     texts = read_prompts(args.prompts or demo.PROMPTS_FILE)[: args.num_prompts]
     model = api.load(model_dir, adapter=adapter_dir)
     for spec in trees:

@@ -3,6 +3,7 @@
   python decode.py        # no arguments: runs the packaged demo, BiTA vs AR on held-out prompts
   python decode.py --model DIR --mode ar --prompt "def add(a, b):" --max-new-tokens 64
   python decode.py --model DIR --prompts prompts.jsonl --batch-size 4 --output out.jsonl
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --compare     # --tree auto
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
 
@@ -10,7 +11,9 @@ Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, 
 seconds; for bita `steps` counts tree steps) as each batch finishes, and prints a short summary.
 An interrupted run keeps its finished records; --resume decodes only the prompts they lack.
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
-speedup over AR on the same prompts and whether every output is identical.
+speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
+default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,
+dtype and batch size, and decodes AR when no tree pays off there.
 """
 
 from __future__ import annotations
@@ -18,17 +21,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
 from tqdm import tqdm
 
-from bita_jax import api, demo
-from bita_jax.bita.tree import DEFAULT_TREE
+from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
 from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.io.paths import check_output_file
+from bita_jax.tuning.auto import AUTO
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors); implies --mode bita")
     parser.add_argument(
-        "--tree", help=f"bita draft tree: upper:K, chain, or JSON rank paths (default: {DEFAULT_TREE})"
+        "--tree",
+        help="bita draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
+        "tree pays off), upper:K, chain, or JSON rank paths (default: auto)",
     )
     parser.add_argument(
-        "--compare", action="store_true", help="bita: also run AR, print speedup and equality"
+        "--compare",
+        action="store_true",
+        help="bita: also run AR, print the speedup (faster of two runs per mode) and equality",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
@@ -97,11 +103,19 @@ def prompt_texts(args) -> list[str]:
     return args.prompt
 
 
+def fastest_of_two(model: api.Model, texts: list[str], first: api.Run, **options) -> api.Run:
+    """The faster of `first` and a second identical run. On CPU the first run of each compiled
+    loop is up to 2x slower (cold executables and caches), which would skew a comparison."""
+    again = model.run(texts, **options)
+    return again if again.seconds < first.seconds else first
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    is_demo = not argv  # no arguments: BiTA vs AR on the packaged demo (bita_jax/demo)
-    if is_demo:
-        argv = demo.demo_argv(jax.default_backend())
+    if not argv:  # no arguments: BiTA vs AR on the packaged demo (bita_jax/demo)
+        from bita_jax.cli.demo import run_demo
+
+        return run_demo()
     args = build_parser().parse_args(argv)
     if not args.model:
         raise UserError("--model DIR is required")
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh=args.mesh,
         scan_layers=args.scan_layers,
     )
-    tree = args.tree or DEFAULT_TREE
+    tree = args.tree or AUTO
     options = dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -136,30 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     model.check(texts, mode=mode, **options)  # bad input fails before the progress bar shows
     # Records own stdout unless --output is given; reports go wherever they do not.
     out = sys.stdout if args.output else sys.stderr
-    writer = None if is_demo else RecordWriter(args.output, offset)
+    writer = RecordWriter(args.output, offset)
 
     def batch_done(records: list[dict]) -> None:
-        if writer is not None:
-            writer.write(records)
+        writer.write(records)
         progress.update(len(records))
 
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
         run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
-        if writer is not None:
-            writer.close()
+        writer.close()
         if run.mode == "bita":
-            tqdm.write(f"tree {tree}: {run.tree.describe()}", file=out)
+            tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
+            tqdm.write(tree_line, file=out)
             tqdm.write(acceptance_report(run.generations, run.accepted_per_level), file=out)
-            if args.compare:
-                progress.reset(total=len(texts))
-                progress.set_description("decode (ar, --compare)")
-                ar_run = model.run(
-                    texts, mode="ar", on_batch=lambda r: progress.update(len(r)), first_index=len(done),
-                    **options,
-                )  # fmt: skip
-                tqdm.write(comparison_report(run.generations, ar_run.generations), file=out)
-    if is_demo:
-        print(demo.format_completions(run.records))
+        if mode == "bita" and args.compare:  # also when auto decoded AR: its cost against AR
+            progress.reset(total=len(texts))
+            progress.set_description("decode (ar, --compare)")
+            timing = dict(first_index=len(done), **options)
+            ar_run = model.run(texts, mode="ar", on_batch=lambda r: progress.update(len(r)), **timing)
+            # Each mode timed twice, in the order BiTA, AR, AR, BiTA: a drift in speed over the
+            # runs falls on both modes alike.
+            ar_timed = fastest_of_two(model, texts, ar_run, mode="ar", **timing)
+            timed = fastest_of_two(model, texts, run, mode=mode, **timing)
+            tqdm.write(comparison_report(timed.generations, ar_timed.generations), file=out)
     print(summarize(run.generations, run.compile_seconds), file=out)
     return 0

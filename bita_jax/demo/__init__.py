@@ -1,8 +1,11 @@
 """The packaged demo (package data under bita_jax/demo/, built by scripts/make_demo.py).
 
 model/          a small LLaMA (GQA) pretrained on the Python standard library, HF format + tokenizer
-adapter/        its BiTA adapter, trained by train.py on data self-distilled by decode.py
-prompts.jsonl   prompts cut from standard-library modules held out of all training
+adapter/        its BiTA adapter, trained by train.py on data self-distilled by decode.py, and
+                trees.json: its acceptance statistics and tree choices (python -m bita_jax.tune)
+prompts.jsonl   prompts cut from standard-library modules held out of all training; the first
+                ones are demo_prompts.jsonl (what `python decode.py` completes), the rest
+                calibrate trees.json
 recipe.json     how it was built (Python version, held-out modules, sizes, losses)
 """
 
@@ -30,13 +33,11 @@ def require() -> None:
         )
 
 
-# Draft trees for the demo, chosen by measuring (README, "Demo and benchmark"). The demo adapter's
+# Named trees for the demo's benchmarks (benchmarks/tuning_check.py, the README). The demo adapter's
 # top draft is often wrong where its second or third is right, so trees that also grow children
-# under non-top level-1 drafts accept far more than the reference upper-triangle tree (1.8 tokens
-# per step on the held-out prompts): COMPACT_TREE (16 nodes, 68 rows per step) reaches 2.05 and
-# WIDE_TREE (30 nodes, 124 rows) 2.3. On this 2-core CPU no tree beats AR in wall-clock time (every
-# row costs time), so the demo takes WIDE_TREE everywhere, for the most tokens per step; on an
-# accelerator its extra rows should be nearly free at this model size (not measured here).
+# under non-top level-1 drafts accept more than the reference upper-triangle tree: COMPACT_TREE
+# (16 nodes, 68 rows per step) and WIDE_TREE (30 nodes, 124 rows). The demo itself decodes with
+# `--tree auto`: the adapter's trees.json (written by `python -m bita_jax.tune`) picks per device.
 COMPACT_TREE = json.dumps(
     [[c] for c in range(4)] + [[c, d] for c in range(4) for d in range(2)] + [[c, 0, 0] for c in range(4)]
 )
@@ -45,29 +46,28 @@ WIDE_TREE = json.dumps(
     + [[c, d] for c in range(5) for d in range(3)]
     + [[c, 0, e] for c in range(5) for e in range(2)]
 )
-DEMO_TREES = {"cpu": WIDE_TREE, "gpu": WIDE_TREE, "tpu": WIDE_TREE}
 
 
-def demo_tree(backend: str) -> str:
-    """The demo's tree for a jax backend name ("cpu", "gpu", "tpu")."""
-    return DEMO_TREES.get(backend, DEMO_TREES["gpu"])
+def calibration_prompts(demo_dir: str = DEMO_DIR) -> list[str]:
+    """The held-out prompts that are not demo prompts: the tuner's calibration data for the demo,
+    so the demo's tokens per step checks the statistics on prompts they never saw."""
+    from bita_jax.cli.files import read_prompts
+
+    shown = set(read_prompts(os.path.join(demo_dir, "demo_prompts.jsonl")))
+    return [p for p in read_prompts(os.path.join(demo_dir, "prompts.jsonl")) if p not in shown]
 
 
-def demo_argv(backend: str, max_new_tokens: int = 128) -> list[str]:
-    """decode.py arguments of the demo: BiTA with --compare (AR too) on the demo prompts, batch 1."""
-    require()
-    return [
-        "--model", MODEL_DIR, "--mode", "bita", "--adapter", ADAPTER_DIR, "--tree", demo_tree(backend),
-        "--compare", "--prompts", DEMO_PROMPTS_FILE, "--max-new-tokens", str(max_new_tokens),
-    ]  # fmt: skip
-
-
-def format_completions(records: list[dict]) -> str:
-    """Human-readable prompts and completions (decode.py records) for the terminal."""
+def format_completions(records: list[dict], max_lines: int = 6) -> str:
+    """Compact prompts and completions (decode.py records) for the terminal: each prompt's last
+    line, then the completion's first max_lines lines."""
     parts = []
     for i, r in enumerate(records, start=1):
-        parts.append(f"--- prompt {i} ---\n{r['prompt']}")
+        prompt_end = r["prompt"].rstrip("\n").rsplit("\n", 1)[-1]
+        lines = r["completion"].split("\n")
+        more = f"\n    [... {len(lines) - max_lines} more lines]" if len(lines) > max_lines else ""
         parts.append(
-            f"--- completion {i} ({r['new_tokens']} tokens, {r['steps']} steps) ---\n{r['completion']}"
+            f"--- completion {i} ({r['new_tokens']} tokens, {r['steps']} steps) after: {prompt_end!r}\n"
+            + "\n".join(lines[:max_lines])
+            + more
         )
     return "\n".join(parts)

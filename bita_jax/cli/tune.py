@@ -1,0 +1,189 @@
+"""python -m bita_jax.tune: pick the draft tree with the most tokens/s on this device, per batch size.
+
+  python -m bita_jax.tune --model DIR --adapter DIR --data calibration.jsonl --batch-sizes 1,4
+
+1. Acceptance statistics: teacher-forcing ranks of the base model's greedy outputs (decode.py
+   records with output_ids as they are; prompts-only records are decoded greedily first).
+2. Step cost: the jitted tree step for a ladder of row counts and the AR step, measured here.
+3. The choice per batch size: the tree with the most predicted tokens/s = B tau / t(B, rows);
+   AR unless a tree is predicted faster by 5%.
+Writes the statistics and the choices (keyed by device kind, dtype and batch size) into
+ADAPTER/trees.json, which `--tree auto` (decode.py's default) reads; prints the candidate table
+with measured tokens/s on the first --measure-prompts prompts, and writes tune.json and tune.png
+(tau and tokens/s against rows per step) to --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from bita_jax import api
+from bita_jax.cli import UserError
+from bita_jax.cli.bench import parse_batch_sizes
+from bita_jax.config import DTYPES
+from bita_jax.tuning import step_cost, tuner
+from bita_jax.tuning.choice import Prediction, load_store, save_store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bita_jax.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="Hugging Face LlamaForCausalLM checkpoint directory")
+    parser.add_argument("--adapter", required=True, help="BiTA adapter directory; trees.json goes there")
+    parser.add_argument("--data", required=True, help="calibration jsonl: decode.py records or prompts")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes to choose for")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="for prompts decoded first")
+    parser.add_argument("--max-rank", type=int, default=tuner.DEFAULT_MAX_RANK, help="draft ranks tracked")
+    parser.add_argument("--max-rows", type=int, default=tuner.DEFAULT_MAX_ROWS, help="largest tree step")
+    parser.add_argument(
+        "--measure-prompts", type=int, default=8, help="prompts decoded per shown tree (0: no measuring)"
+    )
+    parser.add_argument("--output-dir", default="tune_out", help="tune.json and tune.png go here")
+    return parser
+
+
+def tree_label(p: Prediction) -> str:
+    return "AR" if p.tree is None else f"{p.tree.num_nodes} nodes, depth {p.tree.depth}"
+
+
+def table(rows: list[dict], ar_seconds: float) -> str:
+    """The candidate table of one batch size (rows from `measure_rows`)."""
+    head = (
+        f"{'tree':<20}{'rows':>5}{'tau pred':>9}{'tau meas':>9}{'step ms':>9}{'x AR step':>10}"
+        f"{'tok/s pred':>11}{'tok/s meas':>11}{'x AR pred':>10}{'x AR meas':>10}"
+    )
+    lines = [head]
+    ar = rows[0]
+    for r in rows:
+        lines.append(
+            f"{r['tree']:<20}{r['rows']:>5}{r['tau_predicted']:>9.2f}{r['tau_measured']:>9.2f}"
+            f"{1e3 * r['step_seconds']:>9.3f}{r['step_seconds'] / ar_seconds:>10.2f}"
+            f"{r['tokens_per_s_predicted']:>11.1f}{r['tokens_per_s_measured']:>11.1f}"
+            f"{r['tokens_per_s_predicted'] / ar['tokens_per_s_predicted']:>10.2f}"
+            f"{r['tokens_per_s_measured'] / ar['tokens_per_s_measured']:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def measure_rows(
+    model: api.Model, tuning: tuner.Tuning, prompts: list[str], max_new_tokens: int
+) -> list[dict]:
+    """AR then the shown trees: predicted and (on prompts; nan without) measured tau and tokens/s."""
+    rows = []
+    for p in [tuning.choice.ar, *tuner.shown_trees(tuning)]:
+        tau, speed = float("nan"), float("nan")
+        if prompts:
+            tau, speed, _ = tuner.measured_speed(
+                model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens
+            )
+        rows.append(
+            {
+                "tree": tree_label(p), "paths": None if p.tree is None else [list(x) for x in p.tree.paths],
+                "rows": p.rows, "tau_predicted": p.tau, "tau_measured": tau, "step_seconds": p.step_seconds,
+                "tokens_per_s_predicted": p.tokens_per_s, "tokens_per_s_measured": speed,
+            }
+        )  # fmt: skip
+    return rows
+
+
+def plot(results: list[dict], title: str, path: str) -> None:
+    """Per batch size: tau and tokens/s against rows per step, every candidate predicted (dots),
+    the shown trees measured (crosses), AR as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(10, 3.6 * len(results)), squeeze=False)
+    for (tau_ax, speed_ax), result in zip(axes, results, strict=True):
+        cands, shown = result["candidates"], result["shown"][1:]
+        tau_ax.scatter(
+            [c["rows"] for c in cands], [c["tau"] for c in cands], s=6, alpha=0.4, label="predicted"
+        )
+        tau_ax.scatter(
+            [r["rows"] for r in shown], [r["tau_measured"] for r in shown], marker="x", label="measured"
+        )
+        speed_ax.scatter(
+            [c["rows"] for c in cands], [c["tokens_per_s"] for c in cands], s=6, alpha=0.4, label="predicted"
+        )
+        speed_ax.scatter(
+            [r["rows"] for r in shown],
+            [r["tokens_per_s_measured"] for r in shown],
+            marker="x",
+            label="measured",
+        )
+        ar = result["shown"][0]
+        speed_ax.axhline(ar["tokens_per_s_predicted"], color="gray", ls="--", lw=1, label="AR predicted")
+        speed_ax.axhline(ar["tokens_per_s_measured"], color="black", ls=":", lw=1, label="AR measured")
+        batch = result["batch_size"]
+        tau_ax.set(
+            xscale="log", xlabel="rows per tree step", ylabel="tokens per step", title=f"batch {batch}"
+        )
+        speed_ax.set(xscale="log", xlabel="rows per tree step", ylabel="tokens/s", title=f"batch {batch}")
+        tau_ax.legend(fontsize=8)
+        speed_ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    if not 1 <= args.max_rank <= 36:
+        raise UserError(f"--max-rank must be in 1..36, got {args.max_rank}")
+    model = api.load(args.model, adapter=args.adapter, dtype=args.dtype)
+    device_kind = step_cost.current_device_kind()
+    start = time.perf_counter()
+    examples = tuner.calibration_examples(model, args.model, args.data, args.max_new_tokens, max(batch_sizes))
+    stats = tuner.acceptance_statistics(model, examples, args.max_rank)
+    print(
+        f"statistics: {len(examples)} sequences, {stats.num_points} drafting points, "
+        f"{len(stats.counts)} rank paths ({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
+    prompt_len = int(np.median([len(e.source) for e in examples]))  # step costs: caches sized for these
+    prompts = []
+    if args.measure_prompts > 0:
+        from bita_jax.cli.files import read_prompts
+
+        prompts = read_prompts(args.data)[: args.measure_prompts]
+    title = f"{device_kind} {args.dtype}, {os.path.basename(os.path.normpath(args.adapter))}"
+    results, choices = [], []
+    for batch in batch_sizes:
+        start = time.perf_counter()
+        tuning = tuner.tune_batch_size(model, stats, batch, args.max_rows, prompt_len, args.max_new_tokens)
+        choices.append(tuning.choice)
+        print(f"batch {batch}: step costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        rows = measure_rows(model, tuning, prompts, args.max_new_tokens)
+        decision = "AR" if tuning.choice.tree is None else tuning.choice.tree.describe()
+        speedup = tuning.choice.speedup
+        print(f"\n{title}, batch {batch}: choice {decision} (best tree predicted {speedup:.2f}x AR)")
+        print(table(rows, tuning.costs.ar_seconds))
+        candidates = [
+            {"rows": p.rows, "nodes": p.tree.num_nodes, "tau": p.tau, "tokens_per_s": p.tokens_per_s}
+            for p in tuning.predictions
+        ]
+        results.append(
+            {"batch_size": batch, "choice": tuning.choice.to_json(), "shown": rows, "candidates": candidates}
+        )
+    path = save_store(
+        args.adapter, tuner.stored(load_store(args.adapter), stats, device_kind, args.dtype, choices)
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "tune.json"), "w") as f:
+        json.dump({"device_kind": device_kind, "dtype": args.dtype, "results": results}, f, indent=1)
+    written = "tune.json"
+    if importlib.util.find_spec("matplotlib") is not None:  # not in every accelerator image
+        plot(results, title, os.path.join(args.output_dir, "tune.png"))
+        written += " and tune.png"
+    print(f"\nwrote {path}; {written} to {args.output_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,141 @@
+"""Teacher-forcing ranks for the acceptance statistics: one training-format forward per batch.
+
+Every target offset s < len(target) - 1 is a drafting point: the training format's group at
+offset s sees the source and target[:s] (what is committed when target[s] is the pending root),
+and its mask k is labelled target[s + 1 + k], the token mask k drafts at decode time (none past
+the target's end: rank -1). Each example's points are cut into sequences of at most `max_groups`
+groups (bita/training_mask.build_sequence), padded to training/data.py's length buckets and a
+fixed batch size, so each bucket compiles once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bita_jax.bita import adapter as bita_adapter
+from bita_jax.bita.training_mask import IGNORE, NORMAL, attention_mask, build_sequence
+from bita_jax.config import DataConfig, ModelConfig
+from bita_jax.models.llama import LlamaModel
+from bita_jax.training import data
+from bita_jax.training.step import mask_rows
+
+
+def example_sequences(
+    example: data.Example, vocab_size: int, num_masks: int, max_groups: int
+) -> list[dict[str, np.ndarray]]:
+    """Per-token arrays (build_sequence) of the example's drafting points 0 .. T - 2, at most
+    max_groups per sequence; labels past the target's end are IGNORE."""
+    target_len = len(example.target)
+    # Padding the target lets build_sequence label every mask; those labels are then dropped.
+    padded = np.asarray(example.target + (0,) * num_masks)
+    offsets = np.arange(target_len - 1)
+    out = []
+    for start in range(0, len(offsets), max_groups):
+        seq = build_sequence(
+            np.asarray(example.source), padded, offsets[start : start + max_groups], vocab_size, num_masks
+        )
+        label_index = seq["positions"] - (len(example.source) - 1)  # mask k of group s: s + 1 + k
+        past_end = (seq["group"] >= 0) & (label_index >= target_len)
+        seq["labels"] = np.where(past_end, IGNORE, seq["labels"]).astype(np.int32)
+        out.append(seq)
+    return out
+
+
+def mask_row_logits(
+    model: LlamaModel, base: Any, adapter: dict[str, jax.Array], batch: dict[str, jax.Array], num_rows: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The training forward (as `training.step.loss_terms` runs it, without dropout) at the mask rows.
+
+    Args:
+      batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py).
+      num_rows: R, the static number of mask rows gathered per sequence.
+
+    Returns:
+      logits [B, R, V] float32, labels [B, R] int32 and valid [B, R] bool of each sequence's
+      mask rows in sequence order.
+    """
+    mask = attention_mask(batch["group"], batch["visible_end"], batch["positions"])
+    hidden, _ = bita_adapter.forward(
+        model, base, adapter, batch["tokens"], batch["positions"], mask, batch["group"] != NORMAL
+    )
+    rows, valid = mask_rows(batch["group"], min(num_rows, batch["tokens"].shape[1]))
+    labels = jnp.take_along_axis(batch["labels"], rows, axis=1)
+    h = jnp.take_along_axis(hidden, rows[..., None], axis=1)  # [B, R, D]
+    logits = model.apply({"params": base}, h, method="logits")
+    return logits, labels, valid & (labels != IGNORE)
+
+
+def label_ranks(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """[...] int32 rank of each label among logits [..., V], ties to the lower id (as lax.top_k)."""
+    target = jnp.take_along_axis(logits, labels[..., None], axis=-1)  # [..., 1]
+    vocab = jnp.arange(logits.shape[-1])
+    ahead = (logits > target) | ((logits == target) & (vocab < labels[..., None]))
+    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def make_rank_fn(config: ModelConfig, num_rows: int) -> Callable:
+    """Jitted `(base, adapter, batch [B, T]) -> ranks [B, R]` int32, -1 on rows without a label."""
+    model = LlamaModel(config)
+
+    def ranks(base, adapter, batch):
+        logits, labels, valid = mask_row_logits(model, base, adapter, batch, num_rows)
+        return jnp.where(valid, label_ranks(logits, jnp.where(valid, labels, 0)), -1)
+
+    return jax.jit(ranks)
+
+
+def teacher_forced_ranks(
+    config: ModelConfig,
+    params: Any,
+    adapter: dict[str, Any],
+    examples: list[data.Example],
+    batch_size: int = 8,
+    max_groups: int = 64,
+    max_length: int = 2048,
+) -> list[np.ndarray]:
+    """Ranks of the true tokens after every drafting point of each example.
+
+    Args:
+      config: the base model's config (params in its dtype and layer layout).
+      params: base params.
+      adapter: BiTA adapter ({"prefix_keys", "prefix_values", "mask_embeddings"}).
+      examples: calibration examples (e.g. `data.read_examples` of a decode.py jsonl), whose
+        sources plus targets are at most max_length tokens.
+      batch_size: sequences per forward (fixed: short batches are padded with empty rows).
+      max_groups: G, drafting points per sequence; sequences are at most max_length + G * M tokens.
+      max_length: the longest example, which sets training/data.py's length buckets.
+
+    Returns:
+      Per example, ranks [T - 1, M] int32 of drafting points 0 .. T - 2 (T: target length):
+      unclipped (0 = the mask's argmax), -1 where the target has ended.
+    """
+    num_masks = adapter["mask_embeddings"].shape[0]
+    sequences, owner = [], []  # owner[i]: the example sequence i belongs to
+    for index, example in enumerate(examples):
+        parts = example_sequences(example, config.vocab_size, num_masks, max_groups)
+        sequences += parts
+        owner += [index] * len(parts)
+    buckets = data.default_buckets(DataConfig(max_length=max_length, max_groups=max_groups), num_masks)
+    rank_fn = make_rank_fn(config, max_groups * num_masks)
+    # Similar lengths share a batch (less padding); results go back to example order.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["tokens"]))
+    empty = {name: np.zeros((0,), np.int32) for name in data.BATCH_FIELDS}
+    per_example: list[list[np.ndarray]] = [[] for _ in examples]
+    per_sequence: dict[int, np.ndarray] = {}
+    for start in range(0, len(order), batch_size):
+        picks = order[start : start + batch_size]
+        chunk = [sequences[i] for i in picks]
+        length = data.bucket_for(max(len(s["tokens"]) for s in chunk), buckets)
+        batch = data.collate(chunk + [empty] * (batch_size - len(chunk)), length, config.pad_id)
+        ranks = np.asarray(rank_fn(params, adapter, batch))  # [B, R]
+        for row, i in enumerate(picks):
+            per_sequence[i] = ranks[row, : int(np.sum(sequences[i]["group"] >= 0))]
+    for i in range(len(sequences)):  # sequences are in example, then offset order
+        per_example[owner[i]].append(per_sequence[i])
+    return [np.concatenate(r + [np.zeros((0,), np.int32)]).reshape(-1, num_masks) for r in per_example]

@@ -1,0 +1,164 @@
+"""The tuner: calibration data -> acceptance statistics, measured step costs -> the choice per batch size.
+
+`python -m bita_jax.tune` (bita_jax/cli/tune.py) is its command line. Calibration sequences must be
+the base model's own greedy outputs (BiTA accepts exactly those): decode.py records with
+`output_ids` are used as they are; prompts without them are decoded greedily first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Sequence
+
+from bita_jax.bita.tree import DraftTree
+from bita_jax.config import DataConfig
+from bita_jax.errors import UserError
+from bita_jax.training import data
+from bita_jax.tuning import calibrate, step_cost
+from bita_jax.tuning.choice import Choice, Prediction, StepCosts, TreeStore, choose, predict
+from bita_jax.tuning.stats import AcceptanceStats
+
+if TYPE_CHECKING:
+    from bita_jax.api import Model
+
+DEFAULT_MAX_RANK = 8
+DEFAULT_MAX_ROWS = 160
+
+
+def has_outputs(path: str) -> bool:
+    """Whether every record of a jsonl file carries `prompt_ids` and `output_ids` (decode.py output)."""
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise UserError(f"calibration data not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON lines ({e.msg})") from None
+    return bool(records) and all(
+        isinstance(r, dict) and "prompt_ids" in r and "output_ids" in r for r in records
+    )
+
+
+def calibration_examples(
+    model: Model, model_dir: str, path: str, max_new_tokens: int, batch_size: int
+) -> list[data.Example]:
+    """(source, target) calibration examples from a decode.py jsonl, or from a prompts jsonl by
+    greedy AR decoding (max_new_tokens each, batch_size at a time)."""
+    if has_outputs(path):
+        config = DataConfig(path=path, max_length=model.config.max_position_embeddings)
+        return data.read_examples(config, model_dir, model.config.eos_token_ids[0])
+    from bita_jax.cli.files import read_prompts
+
+    run = model.run(read_prompts(path), max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
+    return [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in run.records]
+
+
+def acceptance_statistics(model: Model, examples: list[data.Example], max_rank: int) -> AcceptanceStats:
+    """Teacher-forcing ranks of every drafting point of the examples, as statistics."""
+    longest = max(len(e.source) + len(e.target) for e in examples)
+    ranks = calibrate.teacher_forced_ranks(
+        model.config, model.params, model.adapter, examples, max_length=longest
+    )
+    return AcceptanceStats.from_ranks(ranks, max_rank)
+
+
+def with_exact_rows(costs: StepCosts, extra: StepCosts) -> StepCosts:
+    """costs with the tree steps of `extra` added and its AR step: `extra` times the finalists
+    against AR in one interleaved measurement, so the choice between them rests on it."""
+    rows = dict(zip(costs.tree_rows, costs.tree_seconds, strict=True))
+    rows.update(zip(extra.tree_rows, extra.tree_seconds, strict=True))
+    ordered = sorted(rows)
+    return StepCosts(costs.batch_size, extra.ar_seconds, tuple(ordered), tuple(rows[r] for r in ordered))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The tuner's result at one batch size.
+
+    Attributes:
+      costs: the measured step costs (the ladder plus the exact rows of the top candidates).
+      predictions: every candidate tree's predicted speed, in candidate order.
+      choice: the best tree against AR.
+    """
+
+    costs: StepCosts
+    predictions: list[Prediction]
+    choice: Choice
+
+
+def tune_batch_size(
+    model: Model,
+    stats: AcceptanceStats,
+    batch_size: int,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    prompt_len: int = 64,
+    max_new_tokens: int = 128,
+    refine: int = 3,
+    repeats: int = 20,
+) -> Tuning:
+    """Measures step costs at one batch size and picks the tree with the most predicted tokens/s.
+
+    The ladder's row counts are interpolated; the `refine` best-predicted candidates' own row
+    counts are then measured against AR once more, and the choice is made on those times. The
+    cache is sized for prompts of prompt_len tokens and max_new_tokens, as decoding sizes it.
+    """
+    num_masks = stats.num_masks
+    ladder = step_cost.ladder_trees(num_masks, max_rows)
+    measure = lambda trees: step_cost.measure_step_costs(  # noqa: E731
+        model.config, model.params, model.adapter, [batch_size], trees, prompt_len, max_new_tokens, repeats
+    )[0]
+    costs = measure(ladder)
+    candidates = stats.best_trees(costs.tree_rows[-1])
+    ranked = sorted(predict(candidates, costs), key=lambda p: -p.tokens_per_s)
+    top: dict[int, DraftTree] = {}
+    for p in ranked:
+        if len(top) == refine:
+            break
+        top.setdefault(p.rows, p.tree)
+    if top:  # no candidates when no rank path was ever followed: AR
+        costs = with_exact_rows(costs, measure(list(top.values())))
+    return Tuning(costs, predict(candidates, costs), choose(candidates, costs))
+
+
+def stored(store: TreeStore | None, stats: AcceptanceStats, device_kind: str, dtype: str,
+           choices: Sequence[Choice]) -> TreeStore:  # fmt: skip
+    """The store with these statistics and choices. Choices for other devices survive only when
+    they were made from the same statistics (otherwise they are dropped as stale)."""
+    old = None if store is None else store.statistics
+    same = old is not None and old.to_json() == stats.to_json()
+    out = TreeStore(stats, dict(store.choices) if same else {})
+    for choice in choices:
+        out = out.with_choice(device_kind, dtype, choice)
+    return out
+
+
+def shown_trees(tuning: Tuning, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> list[Prediction]:
+    """The table's trees: per node budget the candidate with the most predicted tokens/s, and the
+    best tree overall; by rows."""
+    shown: dict[tuple, Prediction] = {}
+    for n in budgets:
+        fitting = [p for p in tuning.predictions if p.tree.num_nodes == n]
+        if fitting:
+            best = max(fitting, key=lambda p: p.tokens_per_s)
+            shown[best.tree.paths] = best
+    if tuning.choice.best_tree is not None:
+        shown[tuning.choice.best_tree.tree.paths] = tuning.choice.best_tree
+    return sorted(shown.values(), key=lambda p: p.rows)
+
+
+def measured_speed(model: Model, prompts: list[str], tree: DraftTree | None, batch_size: int,
+                   max_new_tokens: int, runs: int = 2) -> tuple[float, float, list[list[int]]]:  # fmt: skip
+    """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
+    compiles excluded; the fastest of `runs` runs (the first also warms the executable up)."""
+    if tree is None:
+        options = {"mode": "ar"}
+    else:
+        options = {"mode": "bita", "tree": json.dumps([list(p) for p in tree.paths])}
+    seconds = []
+    for _ in range(runs):
+        run = model.run(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **options)
+        seconds.append(run.seconds)
+    tokens = sum(len(g.output_ids) for g in run.generations)
+    steps = sum(g.steps for g in run.generations)
+    return tokens / steps, tokens / min(seconds), [g.output_ids for g in run.generations]

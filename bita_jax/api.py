@@ -157,6 +157,7 @@ class Model:
           seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
           on_batch: called with the number of prompts after each finished batch (progress).
         """
+        auto = tree == AUTO and self.adapter is not None and mode != "ar"  # BiTA asked with tree auto
         mode, draft_tree, policy, prompt_ids = self._plan(
             prompts, max_new_tokens, mode, tree, batch_size, chat, temperature, top_k, top_p, seed
         )
@@ -194,7 +195,7 @@ class Model:
             compile_seconds=compiled.compile_seconds - compile_before,
             tree=draft_tree,
             accepted_per_level=np.concatenate(accepted) if accepted else None,
-            auto=self._auto.get(batch_size) if tree == AUTO and self.adapter is not None else None,
+            auto=self._auto[batch_size] if auto else None,
         )
 
     def auto_tree(self, batch_size: int) -> AutoTree:

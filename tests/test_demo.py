@@ -86,5 +86,5 @@ def test_decode_py_without_arguments_runs_the_demo(capsys):
     assert identical == "identical outputs (BiTA vs AR): yes"
     assert float(re.match(r"tokens per step: ([0-9.]+) with BiTA", tokens).group(1)) > 1.0
     assert chose.startswith("tree auto chose on cpu float32 batch 1: ")
-    assert speedup.startswith("measured speedup of --tree auto over AR: ")
+    assert re.match(r"(measured )?speedup of --tree auto over AR: [0-9.]+x", speedup)
     assert why.startswith("why little on a CPU") and "accelerator figures" in why

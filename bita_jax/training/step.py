@@ -83,10 +83,25 @@ def loss_terms(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed unshifted cross-entropy over mask rows, and counts for the metrics.
 
+    Args:
+      batch, num_rows: as in `mask_row_forward`.
+
+    Returns:
+      (sum of per-label NLL [] f32, {"labels": [] count, "correct": [M], "count": [M]}).
+    """
+    return mask_row_loss(model, base, *mask_row_forward(model, base, adapter, batch, num_rows), num_masks)
+
+
+def mask_row_forward(
+    model: LlamaModel, base: Any, adapter: dict[str, jax.Array], batch: dict[str, jax.Array], num_rows: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(a) + (b): the mask rows' final hidden states under the training format.
+
     The normal tokens run once without the adapter (`normal_keys_values`); only the R mask rows run
     with it, attending to those keys/values, their own group and the prefix, so only they carry
     activations for the backward pass. Equal to one forward over the whole sequence under
-    `attention_mask` (tests/single_forward.py), within float rounding.
+    `attention_mask` (tests/single_forward.py), within float rounding. The tuner's teacher forcing
+    (tuning/calibrate.py) runs the same forward.
 
     Args:
       batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py);
@@ -94,7 +109,8 @@ def loss_terms(
       num_rows: R < T, the static number of mask rows gathered per sequence.
 
     Returns:
-      (sum of per-label NLL [] f32, {"labels": [] count, "correct": [M], "count": [M]}).
+      hidden [B, R, D], labels [B, R], valid [B, R] (a real row with a label) and the offset
+      [B, R] of each row within its group (mask k).
     """
     normal_len = batch["tokens"].shape[1] - num_rows
     if normal_len < 1:
@@ -111,9 +127,7 @@ def loss_terms(
         cache_kv=cache_kv, cache_mask=cache_mask,
     )  # fmt: skip
     labels = take(batch["labels"])
-    return mask_row_loss(
-        model, base, hidden, labels, valid & (labels != IGNORE), positions - visible_end, num_masks
-    )
+    return hidden, labels, valid & (labels != IGNORE), positions - visible_end
 
 
 def mask_row_loss(

@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bita_jax.bita import adapter as bita_adapter
-from bita_jax.bita.training_mask import IGNORE, NORMAL, attention_mask, build_sequence
+from bita_jax.bita.training_mask import IGNORE, NORMAL, build_sequence
 from bita_jax.config import DataConfig, ModelConfig
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import data
-from bita_jax.training.step import mask_rows
+from bita_jax.training.step import mask_row_forward
 
 
 def example_sequences(
@@ -49,25 +48,19 @@ def example_sequences(
 def mask_row_logits(
     model: LlamaModel, base: Any, adapter: dict[str, jax.Array], batch: dict[str, jax.Array], num_rows: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The training forward (as `training.step.loss_terms` runs it, without dropout) at the mask rows.
+    """The training forward (`training.step.mask_row_forward`, without dropout) at the mask rows.
 
     Args:
-      batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py).
+      batch: [B, T] int32 arrays `tokens, positions, group, visible_end, labels` (bita/training_mask.py),
+        each sequence's normal part within the first T - R slots.
       num_rows: R, the static number of mask rows gathered per sequence.
 
     Returns:
       logits [B, R, V] float32, labels [B, R] int32 and valid [B, R] bool of each sequence's
       mask rows in sequence order.
     """
-    mask = attention_mask(batch["group"], batch["visible_end"], batch["positions"])
-    hidden, _ = bita_adapter.forward(
-        model, base, adapter, batch["tokens"], batch["positions"], mask, batch["group"] != NORMAL
-    )
-    rows, valid = mask_rows(batch["group"], min(num_rows, batch["tokens"].shape[1]))
-    labels = jnp.take_along_axis(batch["labels"], rows, axis=1)
-    h = jnp.take_along_axis(hidden, rows[..., None], axis=1)  # [B, R, D]
-    logits = model.apply({"params": base}, h, method="logits")
-    return logits, labels, valid & (labels != IGNORE)
+    hidden, labels, valid, _ = mask_row_forward(model, base, adapter, batch, num_rows)
+    return model.apply({"params": base}, hidden, method="logits"), labels, valid
 
 
 def label_ranks(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -131,7 +124,9 @@ def teacher_forced_ranks(
     for start in range(0, len(order), batch_size):
         picks = order[start : start + batch_size]
         chunk = [sequences[i] for i in picks]
-        length = data.bucket_for(max(len(s["tokens"]) for s in chunk), buckets)
+        # The normal parts first, then room for R mask rows (the split forward's layout).
+        normal = max(int(np.sum(s["group"] == NORMAL)) for s in chunk)
+        length = data.bucket_for(normal + max_groups * num_masks, buckets)
         batch = data.collate(chunk + [empty] * (batch_size - len(chunk)), length, config.pad_id)
         ranks = np.asarray(rank_fn(params, adapter, batch))  # [B, R]
         for row, i in enumerate(picks):

@@ -13,6 +13,7 @@ bitwise equal over many steps and what AR decoding costs in tokens/s. Diagnosis 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -69,25 +70,31 @@ def ar_cache(model, params, prompt: list[int], generated: list[int], max_len: in
     return cache, pending
 
 
-def row_intermediates(model, params, adapter, tree, cache, pending, drafts):
-    """{name: row-0 array} for the AR step (one row) and the tree step (all rows), same cache."""
+@functools.cache
+def forward_with_intermediates(model: LlamaModel):
+    """Jitted forward returning (intermediates, row-0 logits); params and cache are arguments."""
 
-    def run(params_, cache_, tokens, positions, self_mask, adapter_, prefix_visible):
+    def run(params, cache, tokens, positions, self_mask, adapter, prefix_visible):
         (hidden, _), state = model.apply(
-            {"params": params_},
+            {"params": params},
             tokens,
             positions,
             self_mask,
-            cache=cache_,
-            adapter=adapter_,
+            cache=cache,
+            adapter=adapter,
             prefix_visible=prefix_visible,
             capture_intermediates=True,
             mutable=["intermediates"],
         )
-        logits = model.apply({"params": params_}, hidden[:, 0], method="logits")
+        logits = model.apply({"params": params}, hidden[:, 0], method="logits")
         return state["intermediates"], logits[0]
 
-    run = jax.jit(run)  # params and cache as arguments, not constants folded into the program
+    return jax.jit(run)
+
+
+def row_intermediates(model, params, adapter, tree, cache, pending, drafts):
+    """{name: row-0 array} for the AR step (one row) and the tree step (all rows), same cache."""
+    run = forward_with_intermediates(model)
     ar = run(params, cache, pending[:, None], cache.length[:, None], jnp.ones((1, 1, 1), bool), None, None)
     tokens, positions, self_mask, visible = step_inputs(
         tree, model.config.vocab_size, cache.length, pending, drafts

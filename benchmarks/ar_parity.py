@@ -38,7 +38,6 @@ def main() -> None:
         with torch.no_grad():
             out = reference.generate(prompt, max_new_tokens=len(r["output_ids"]), do_sample=False)
         hf_ids = out[0, prompt.shape[1] :].tolist()
-        same += hf_ids == r["output_ids"]
         seq = r["prompt_ids"] + r["output_ids"]
         tokens = jnp.asarray([seq], jnp.int32)
         positions = jnp.arange(len(seq), dtype=jnp.int32)[None]
@@ -46,10 +45,12 @@ def main() -> None:
         ours = np.asarray(model.apply({"params": params}, hidden, method="logits"))[0]
         with torch.no_grad():
             theirs = reference(torch.tensor([seq])).logits[0].numpy()
+        equal = hf_ids == r["output_ids"]
         print(
-            f"{r['prompt'][:40]!r:44} tokens={len(r['output_ids']):3d} equal_to_hf={hf_ids == r['output_ids']} "
+            f"{r['prompt'][:40]!r:44} tokens={len(r['output_ids']):3d} equal_to_hf={equal} "
             f"max|logit diff|={np.abs(ours - theirs).max():.2e}"
         )
+        same += equal
     print(f"{same}/{len(records)} outputs identical to transformers' greedy generate")
 
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from bita_jax.bita.adapter import Adapter, place_adapter
 from bita_jax.bita.tree import DEFAULT_TREE, DraftTree, parse_tree
-from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
+from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler
 from bita_jax.errors import ConfigError
@@ -217,6 +217,7 @@ def load(
     model_dir: str,
     adapter: str | None = None,
     dtype: str = "float32",
+    precision: str = "exact",
     mesh: Mesh | str | None = None,
     scan_layers: bool = loop.SCAN_LAYERS,
 ) -> Model:
@@ -225,12 +226,15 @@ def load(
     Args:
       model_dir: checkpoint directory (config.json, safetensors, tokenizer).
       adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json).
-      dtype: "float32" or "bfloat16", the weights' and activations' dtype.
+      dtype: "float32" or "bfloat16", the weights' dtype.
+      precision: "exact" computes activations, logits and the KV cache in float32 (bfloat16
+        weights: BiTA's output equals AR's, the cache takes twice the bytes); "fast" computes in
+        `dtype` (see `config.decoding_dtypes`).
       mesh: a (data, fsdp, tensor) Mesh, or its spec such as "data=1,fsdp=1,tensor=8";
         default one device.
       scan_layers: run the layers as one scan (faster compiles of deep models, slower steps).
     """
-    config = hf.load_config(model_dir, dtype=dtype, scan_layers=scan_layers)
+    config = hf.load_config(model_dir, **decoding_dtypes(dtype, precision), scan_layers=scan_layers)
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):
         mesh = make_mesh(MeshConfig.parse(mesh))

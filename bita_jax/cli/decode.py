@@ -25,7 +25,7 @@ from bita_jax.bita.tree import DEFAULT_TREE
 from bita_jax.cli import UserError
 from bita_jax.cli.files import read_prompts, write_jsonl
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
-from bita_jax.config import DTYPES
+from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.loop import SCAN_LAYERS
 
 
@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help='jsonl file, one {"prompt": ...} per line')
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="exact",
+        help="bfloat16 weights: exact computes activations and the KV cache in float32 so BiTA's output "
+        "equals AR's; fast computes in bfloat16 (default: %(default)s)",
+    )
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
     parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors), for --mode bita")
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         adapter=args.adapter if args.mode == "bita" else None,
         dtype=args.dtype,
+        precision=args.precision,
         mesh=args.mesh,
         scan_layers=args.scan_layers,
     )

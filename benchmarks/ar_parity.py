@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
-from bita_jax import hf_io
-from bita_jax.llama import LlamaModel, causal_mask
+from bita_jax.io import hf
+from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
 
 def main() -> None:
@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("records", help="decode.py --output jsonl (float32, --mode ar)")
     args = parser.parse_args()
-    config = hf_io.load_config(args.model_dir, dtype="float32", scan_layers=False)
-    params = hf_io.load_params(args.model_dir, config)
+    config = hf.load_config(args.model_dir, dtype="float32", scan_layers=False)
+    params = hf.load_params(args.model_dir, config)
     model = LlamaModel(config)
     reference = LlamaForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     same = 0
@@ -41,7 +41,7 @@ def main() -> None:
         seq = r["prompt_ids"] + r["output_ids"]
         tokens = jnp.asarray([seq], jnp.int32)
         positions = jnp.arange(len(seq), dtype=jnp.int32)[None]
-        hidden, _ = model.apply({"params": params}, tokens, positions, causal_mask(1, len(seq)))
+        hidden, _ = forward(model, params, tokens, positions, causal_mask(1, len(seq)))
         ours = np.asarray(model.apply({"params": params}, hidden, method="logits"))[0]
         with torch.no_grad():
             theirs = reference(torch.tensor([seq])).logits[0].numpy()

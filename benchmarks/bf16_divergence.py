@@ -7,45 +7,44 @@ BiTA's committed tokens must equal AR's for any adapter, so a random one serves.
 how many outputs differ and where they first diverge; then, at the first divergence, a layer-by-
 layer comparison of the pending token's row in the tree step against the AR step's single row,
 both fed the same AR-built cache; then, for each precision candidate, whether those rows are
-bitwise equal over many steps and what AR decoding costs in tokens/s. Diagnosis only: no policy.
+bitwise equal over many steps and what AR decoding costs in tokens/s (the exact precision policy
+is one candidate).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from bita_jax import decoding, generation_io, hf_io
-from bita_jax.bita import init_adapter
-from bita_jax.config import BiTAConfig
-from bita_jax.kv_cache import KVCache
-from bita_jax.llama import LlamaModel
-from bita_jax.tree import parse_tree
-from bita_jax.tree_decoding import step_inputs
+from bita_jax.bita import adapter as bita_adapter
+from bita_jax.bita.tree import parse_tree
+from bita_jax.cli.files import read_prompts
+from bita_jax.config import BiTAConfig, decoding_dtypes
+from bita_jax.decoding import loop, runner
+from bita_jax.decoding.cache import KVCache
+from bita_jax.decoding.sampling import GREEDY, streams_for
+from bita_jax.decoding.tree_step import step_inputs
+from bita_jax.io import hf
+from bita_jax.models.llama import LlamaModel
 
 BITA = BiTAConfig(num_prompt_tokens=16, num_mask_tokens=3)
-# Intermediate order within a layer (flax module names in bita_jax/llama.py).
+# Intermediate order within a layer (flax module names in bita_jax/models/llama.py).
 MODULE_ORDER = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "__call__")
 
 
 def generate(config, params, adapter, prompt_ids, max_new, tree=None) -> tuple[list[list[int]], float]:
-    """Greedy outputs one prompt at a time, and tokens/s excluding the first call's compile."""
+    """Greedy outputs one prompt at a time, and tokens/s excluding compiles."""
     fn = (
-        decoding.make_ar_generate(config, max_new)
+        loop.make_ar_generate(config, max_new)
         if tree is None
-        else decoding.make_bita_generate(config, tree, max_new)
+        else loop.make_bita_generate(config, tree, max_new)
     )
     weights = params if tree is None else (params, adapter)
-    decoding.generate_batches(fn, weights, prompt_ids[:1], 1, config.pad_id)  # compile
-    t0 = time.perf_counter()
-    gens = decoding.generate_batches(fn, weights, prompt_ids, 1, config.pad_id)
-    seconds = time.perf_counter() - t0
+    gens, seconds = runner.generate(runner.CompiledByShape(fn), weights, prompt_ids, 1, config.pad_id)
     return [g.output_ids for g in gens], sum(len(g.output_ids) for g in gens) / seconds
 
 
@@ -59,13 +58,13 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 def ar_cache(model, params, prompt: list[int], generated: list[int], max_len: int):
     """The AR path's cache after prefill and len(generated) AR steps, and the pending token."""
     tokens = jnp.asarray([prompt], jnp.int32)
-    cache = decoding.prefill(
+    cache = loop.prefill(
         model, params, tokens, jnp.asarray([len(prompt)]), KVCache.init(model.config, 1, max_len)
     )
     pending = jnp.asarray([prompt[-1]], jnp.int32)
-    step = jax.jit(lambda p, c, t: decoding.ar_step(model, p, c, t))
+    step = jax.jit(functools.partial(loop.ar_step, model, GREEDY))
     for token in generated:
-        _, cache = step(params, cache, pending)
+        _, cache = step(params, cache, pending, streams_for(0, np.zeros(1, np.int32)))
         pending = jnp.asarray([token], jnp.int32)
     return cache, pending
 
@@ -75,14 +74,18 @@ def forward_with_intermediates(model: LlamaModel):
     """Jitted forward returning (intermediates, row-0 logits); params and cache are arguments."""
 
     def run(params, cache, tokens, positions, self_mask, adapter, prefix_visible):
+        if adapter is None:
+            embeds, extra = model.apply({"params": params}, tokens, method="embed"), {}
+        else:
+            embeds = bita_adapter.embed(model, params, tokens, adapter)
+            extra = {"prefix": bita_adapter.prefix(adapter), "prefix_visible": prefix_visible}
         (hidden, _), state = model.apply(
             {"params": params},
-            tokens,
+            embeds,
             positions,
             self_mask,
-            cache=cache,
-            adapter=adapter,
-            prefix_visible=prefix_visible,
+            **cache.model_inputs(tokens.shape[1]),
+            **extra,
             capture_intermediates=True,
             mutable=["intermediates"],
         )
@@ -164,7 +167,7 @@ def row_equality(model, params, adapter, tree, prompts, steps, max_len) -> tuple
     """(steps whose pending row is bitwise equal in every intermediate, steps checked)."""
     equal = total = 0
     rng = np.random.default_rng(1)
-    ar = jax.jit(lambda p, c, t: decoding.ar_step(model, p, c, t))
+    ar = jax.jit(functools.partial(loop.ar_step, model, GREEDY))
     for prompt in prompts:
         cache, pending = ar_cache(model, params, prompt, [], max_len)
         for _ in range(steps):
@@ -179,7 +182,7 @@ def row_equality(model, params, adapter, tree, prompts, steps, max_len) -> tuple
             )
             equal += all(x == 0 for _, x in compare_rows(ai, ti, model.config.num_layers))
             total += 1
-            pending, cache = ar(params, cache, pending)
+            pending, cache = ar(params, cache, pending, streams_for(0, np.zeros(1, np.int32)))
     return equal, total
 
 
@@ -194,17 +197,15 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     args = parser.parse_args()
 
-    tokenizer = hf_io.load_tokenizer(args.model)
-    texts = generation_io.read_prompts(args.prompts)[: args.num_prompts]
-    prompt_ids = hf_io.encode_prompts(tokenizer, texts, chat=True)
-    config = hf_io.load_config(args.model, dtype="bfloat16", scan_layers=False)
-    params = hf_io.load_params(args.model, config)
-    adapter = init_adapter(config, BITA, jax.random.key(0))
+    tokenizer = hf.load_tokenizer(args.model)
+    texts = read_prompts(args.prompts)[: args.num_prompts]
+    prompt_ids = hf.encode_prompts(tokenizer, texts, chat=True)
+    config = hf.load_config(args.model, **decoding_dtypes("bfloat16", "fast"), scan_layers=False)
+    params = hf.load_params(args.model, config)
+    adapter = bita_adapter.init_adapter(config, BITA, jax.random.key(0))
     model = LlamaModel(config)
     trees = {spec: parse_tree(spec, BITA.num_mask_tokens) for spec in args.trees.split(",")}
-    max_len = decoding.cache_length(
-        decoding.prompt_bucket(max(map(len, prompt_ids))), args.max_new_tokens, 64
-    )
+    max_len = loop.cache_length(runner.prompt_bucket(max(map(len, prompt_ids))), args.max_new_tokens, 64)
 
     if not args.skip_generation:
         ar_out, ar_tps = generate(config, params, adapter, prompt_ids, args.max_new_tokens)
@@ -226,17 +227,14 @@ def main() -> None:
 
     tree = list(trees.values())[-1]
     row_prompts = prompt_ids[:4]
-    bf16_values = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16), params)
+    f32 = hf.load_config(args.model, dtype="float32", scan_layers=False)
     candidates = {
-        "bf16 (weights, activations, cache)": (config, bf16_values),
-        "bf16 weights, f32 compute and cache": (
-            hf_io.load_config(args.model, dtype="float32", scan_layers=False),
-            bf16_values,
+        "bf16 (precision fast)": (config, params),
+        "bf16 weights, f32 compute and cache (exact)": (
+            hf.load_config(args.model, **decoding_dtypes("bfloat16", "exact"), scan_layers=False),
+            params,
         ),
-        "f32 (bf16-rounded weights upcast)": (
-            hf_io.load_config(args.model, dtype="float32", scan_layers=False),
-            jax.tree.map(lambda x: np.asarray(x, np.float32), bf16_values),
-        ),
+        "f32 (bf16-rounded weights upcast)": (f32, jax.tree.map(lambda x: x.astype(jnp.float32), params)),
     }
     print(f"row check: tree step {tree.num_rows} rows vs AR 1 row, same cache, {len(row_prompts)} prompts")
     for name, (cfg, weights) in candidates.items():

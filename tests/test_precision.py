@@ -55,7 +55,8 @@ def test_exact_precision_makes_bf16_bita_equal_ar(wide_model):
 
 def test_exact_precision_keeps_weights_bf16_and_computes_in_f32(wide_model):
     config = hf.load_config(wide_model[0], **decoding_dtypes("bfloat16", "exact"))
-    assert {x.dtype for x in jax.tree.leaves(hf.load_params(wide_model[0], config))} == {jnp.dtype(jnp.bfloat16)}
+    params = hf.load_params(wide_model[0], config)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     assert config.compute_dtype == "float32"
     assert KVCache.abstract(config, 1, 16).k.dtype == jnp.float32
     fast = hf.load_config(wide_model[0], **decoding_dtypes("bfloat16", "fast"))

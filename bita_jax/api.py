@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from bita_jax.bita.adapter import Adapter, place_adapter
 from bita_jax.bita.tree import DraftTree, parse_tree
-from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
+from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler
 from bita_jax.errors import ConfigError
@@ -269,6 +269,7 @@ def load(
     model_dir: str,
     adapter: str | None = None,
     dtype: str = "float32",
+    precision: str = "exact",
     mesh: Mesh | str | None = None,
     scan_layers: bool = loop.SCAN_LAYERS,
 ) -> Model:
@@ -278,12 +279,15 @@ def load(
       model_dir: checkpoint directory (config.json, safetensors, tokenizer).
       adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json;
         trees.json, written by `python -m bita_jax.tune`, serves tree="auto").
-      dtype: "float32" or "bfloat16", the weights' and activations' dtype.
+      dtype: "float32" or "bfloat16", the weights' dtype.
+      precision: "exact" computes activations, logits and the KV cache in float32 (bfloat16
+        weights: BiTA's output equals AR's, the cache takes twice the bytes); "fast" computes in
+        `dtype` (see `config.decoding_dtypes`).
       mesh: a (data, fsdp, tensor) Mesh, or its spec such as "data=1,fsdp=1,tensor=8";
         default one device.
       scan_layers: run the layers as one scan (faster compiles of deep models, slower steps).
     """
-    config = hf.load_config(model_dir, dtype=dtype, scan_layers=scan_layers)
+    config = hf.load_config(model_dir, **decoding_dtypes(dtype, precision), scan_layers=scan_layers)
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):
         mesh = make_mesh(MeshConfig.parse(mesh))

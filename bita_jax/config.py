@@ -20,6 +20,24 @@ from bita_jax.errors import ConfigError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+# Decoding precision policies (see `decoding_dtypes`): "exact" keeps activations, attention, logits
+# and the KV cache in float32 whatever the weights' dtype; "fast" computes in the weights' dtype.
+PRECISIONS = ("exact", "fast")
+
+
+def decoding_dtypes(dtype: str, precision: str) -> dict[str, str]:
+    """ModelConfig dtype fields for decoding with weights in `dtype` under a precision policy.
+
+    "exact" computes in float32 with bfloat16 weights: in an all-bfloat16 forward the rounding of
+    a row depends on how many rows share the step (XLA fuses the elementwise ops around the dots
+    differently), so BiTA's multi-row tree step and AR's one-row step flip argmax near-ties and
+    their outputs part (docs/bf16.md). The weights, whose reads dominate decoding, stay bfloat16.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return {"dtype": dtype, "activation_dtype": "float32" if precision == "exact" else dtype}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +63,9 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights'
+    # Activations (residual stream, norms, attention, logits) and the KV cache; None: `dtype`.
+    activation_dtype: str | None = None
     remat: bool = False
     # Layers as one `nn.scan` over stacked [L, ...] params (fast compiles; training) or unrolled
     # with each layer's params its own arrays (decoding: no per-layer weight copy, see llama.py).
@@ -58,10 +78,17 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.activation_dtype not in (None, *DTYPES):
+            raise ConfigError(f"activation_dtype must be one of {DTYPES}, got {self.activation_dtype!r}")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"unsupported rope scaling type {self.rope_type!r} (supported: {SUPPORTED_ROPE_TYPES})"
             )
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype of activations and the KV cache (weights are read into it)."""
+        return self.activation_dtype or self.dtype
 
     @property
     def rope_type(self) -> str:

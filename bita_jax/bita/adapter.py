@@ -70,7 +70,7 @@ def mask_token_ids(vocab_size: int, num_masks: int) -> jax.Array:
 def embed(model: LlamaModel, params, tokens: jax.Array, adapter: Adapter) -> jax.Array:
     """[B, T] ids -> [B, T, D] embeddings; mask id V + k takes the adapter's mask embedding k."""
     vocab = model.config.vocab_size
-    mask_emb = adapter["mask_embeddings"].astype(model.config.dtype)
+    mask_emb = adapter["mask_embeddings"].astype(model.config.compute_dtype)
     base = model.apply({"params": params}, tokens, method="embed")
     masks = jnp.take(mask_emb, tokens - vocab, axis=0, mode="clip")
     return jnp.where((tokens >= vocab)[..., None], masks, base)

@@ -27,7 +27,7 @@ from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
 from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
-from bita_jax.config import DTYPES
+from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.io.paths import check_output_file
 from bita_jax.tuning.auto import AUTO
@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=1, help="prompts decoded together (clamped to the prompts)"
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="exact",
+        help="bfloat16 weights: exact computes activations and the KV cache in float32 so BiTA's output "
+        "equals AR's; fast computes in bfloat16",
+    )
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
     parser.add_argument(
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         adapter=args.adapter if mode == "bita" else None,
         dtype=args.dtype,
+        precision=args.precision,
         mesh=args.mesh,
         scan_layers=args.scan_layers,
     )

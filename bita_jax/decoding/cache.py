@@ -28,7 +28,7 @@ class KVCache:
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        dtype = jnp.dtype(dtype or config.dtype)
+        dtype = jnp.dtype(dtype or config.compute_dtype)
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 

@@ -27,9 +27,12 @@ def _init():
 
 
 def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-    """A weight in the config dtype, N(0, 0.02) at init, annotated with its logical axes."""
-    dtype = jnp.dtype(module.config.dtype)
-    return module.param(name, nn.with_logical_partitioning(_init(), axes), shape, dtype)
+    """A weight stored in the config's `dtype`, N(0, 0.02) at init, annotated with its logical axes,
+    read in the compute dtype (the one place where weights meet the activations' dtype)."""
+    param = module.param(
+        name, nn.with_logical_partitioning(_init(), axes), shape, jnp.dtype(module.config.dtype)
+    )
+    return param.astype(module.config.compute_dtype)
 
 
 class Attention(nn.Module):
@@ -39,7 +42,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible):
         """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens)."""
         c = self.config
-        dt = jnp.dtype(c.dtype)
+        dt = jnp.dtype(c.compute_dtype)
         G = c.num_heads // c.num_kv_heads
         proj = functools.partial(_weight, self)
         wq = proj("q_proj", (c.hidden_size, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"))
@@ -95,8 +98,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible):
         c = self.config
-        dt = jnp.dtype(c.dtype)
-        norm = lambda name: RMSNorm(c.rms_norm_eps, dt, dt, name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype, name=name)  # noqa: E731
         attn_out, new_kv = Attention(c, name="self_attn")(
             norm("input_layernorm")(x),
             positions,
@@ -119,7 +121,6 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         c = self.config
-        dt = jnp.dtype(c.dtype)
         self.embed_tokens = _weight(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         block = nn.remat(Block, prevent_cse=False) if c.remat else Block
         if c.scan_layers:
@@ -136,12 +137,12 @@ class LlamaModel(nn.Module):
             # a decode step reads them in place. Slicing a stacked [L, ...] weight inside the
             # scan makes XLA:CPU copy the whole layer's weights every step.
             self.layers = [block(c) for _ in range(c.num_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, dt, dt)
+        self.norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """[B, T] ids -> [B, T, D] embeddings in the config dtype.
+        """[B, T] ids -> [B, T, D] embeddings in the compute dtype.
 
         Ids outside [0, V) are clipped rather than filled with NaN: a NaN row would reach every
         row through the attention's zero-weighted sums (0 * NaN).
@@ -175,7 +176,7 @@ class LlamaModel(nn.Module):
         """
         if (cache_kv is None) != (cache_mask is None) or (prefix is None) != (prefix_visible is None):
             raise ValueError("cache_kv needs cache_mask and prefix needs prefix_visible")
-        x = nn.with_logical_constraint(embeds.astype(self.config.dtype), ("batch", "seq", "embed"))
+        x = nn.with_logical_constraint(embeds.astype(self.config.compute_dtype), ("batch", "seq", "embed"))
         broadcast = (positions, self_mask, cache_mask, prefix_visible)
         if self.config.scan_layers:
             x, new_kv = self.layers(x, cache_kv, prefix, *broadcast)
@@ -215,7 +216,7 @@ def forward(
 
 def _init_model(model: LlamaModel, rng: jax.Array):
     tokens = jnp.zeros((1, 1), jnp.int32)
-    embeds = jnp.zeros((1, 1, model.config.hidden_size), model.config.dtype)
+    embeds = jnp.zeros((1, 1, model.config.hidden_size), model.config.compute_dtype)
     return model.init(rng, embeds, tokens, causal_mask(1, 1))["params"]
 
 

@@ -82,6 +82,25 @@ class GenerateOptions:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """How `Model.run` decodes a validated request.
+
+    Attributes:
+      mode: "ar" or "bita" (AR also when tree="auto" chose AR).
+      tree: the draft tree, None for AR.
+      auto: what tree="auto" resolved to; None when another tree or AR was asked for.
+      prompt_ids: the encoded prompts; batch_size: after clamping to the prompts.
+    """
+
+    mode: str
+    tree: DraftTree | None
+    auto: AutoTree | None
+    sampler: Sampler
+    prompt_ids: list[list[int]]
+    batch_size: int
+
+
 @dataclasses.dataclass(eq=False)
 class Model:
     """A base model, its tokenizer and optionally a BiTA adapter, placed on one device or a mesh."""
@@ -115,10 +134,8 @@ class Model:
         refuse, before any compile."""
         self._plan(prompts, GenerateOptions(**options))
 
-    def _plan(
-        self, prompts: list[str], options: GenerateOptions
-    ) -> tuple[str, DraftTree | None, Sampler, list[list[int]], int]:
-        """Validates a request: (mode, draft tree or None, sampler, prompt ids, batch size).
+    def _plan(self, prompts: list[str], options: GenerateOptions) -> _Plan:
+        """Validates a request and decides how to decode it.
 
         A batch larger than the prompts would only decode copies of the last prompt: it is clamped
         to the prompts (rounded up to the mesh's data*fsdp).
@@ -132,25 +149,24 @@ class Model:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if self.mesh is not None:
-            ways = self._data_ways()
-            if batch_size % ways:
-                raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
         ways = self._data_ways()
+        if batch_size % ways:
+            raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
         batch_size = min(batch_size, ways * -(-len(prompts) // ways))
-        draft_tree = None
+        draft_tree = auto = None
         if mode == "bita":
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
             if options.tree == AUTO:
-                draft_tree = self.auto_tree(batch_size).tree
+                auto = self.auto_tree(batch_size)
+                draft_tree = auto.tree
                 mode = "bita" if draft_tree is not None else "ar"
             else:
                 draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
                 draft_tree.check_vocab(self.config.vocab_size)
         prompt_ids = self.encode(prompts, options.chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], options.max_new_tokens)
-        return mode, draft_tree, sampler, prompt_ids, batch_size
+        return _Plan(mode, draft_tree, auto, sampler, prompt_ids, batch_size)
 
     def auto_tree(self, batch_size: int) -> AutoTree:
         """What tree="auto" decodes with at this batch size (resolved once per Model and batch size).
@@ -189,8 +205,14 @@ class Model:
             prompts (rounded up to the mesh's data*fsdp).
         """
         options = GenerateOptions(**options)
-        requested_mode = options.mode or ("bita" if self.adapter is not None else "ar")
-        mode, draft_tree, policy, prompt_ids, batch_size = self._plan(prompts, options)
+        plan = self._plan(prompts, options)
+        mode, draft_tree, policy, prompt_ids, batch_size = (
+            plan.mode,
+            plan.tree,
+            plan.sampler,
+            plan.prompt_ids,
+            plan.batch_size,
+        )
         max_new_tokens = options.max_new_tokens
 
         if mode == "bita":
@@ -238,7 +260,7 @@ class Model:
             compile_seconds=compiled.compile_seconds - compile_before,
             tree=draft_tree,
             accepted_per_level=np.concatenate(accepted) if accepted else None,
-            auto=self._auto.get(batch_size) if options.tree == AUTO and requested_mode == "bita" else None,
+            auto=plan.auto,
         )
 
 

@@ -201,6 +201,9 @@ def _positive_float(value: Any, key: str, where: str) -> float:
     return float(value)
 
 
+ADAPTER_INITS = ("random", "activations")
+
+
 @dataclasses.dataclass(frozen=True)
 class BiTAConfig:
     """The BiTA plug-in: P prompt tokens (per-layer prefix K/V) and M mask tokens."""
@@ -209,10 +212,15 @@ class BiTAConfig:
     num_mask_tokens: int = 3
     prefix_dropout: float = 0.1
     init_std: float = 0.02
+    # "random": N(0, init_std). "activations": the prefix from the frozen model's own keys/values on
+    # real text and the masks from real token embeddings (bita.adapter.init_from_text).
+    init: str = "random"
 
     def __post_init__(self):
         if self.num_prompt_tokens < 1 or self.num_mask_tokens < 1:
             raise ConfigError("num_prompt_tokens and num_mask_tokens must be >= 1")
+        if self.init not in ADAPTER_INITS:
+            raise ConfigError(f"bita.init must be one of {ADAPTER_INITS}, got {self.init!r}")
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise ConfigError(f"prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
 
@@ -381,6 +389,28 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The mask rows' objective: per row, decay**k * (ce_weight * CE + kl_weight * KL) for mask k.
+
+    CE is the hard label's cross-entropy (the base model's greedy token); KL is KL(teacher || mask)
+    to the frozen model's next-token distribution at the label's position, over the whole vocabulary
+    (kl_top_k = 0) or over the teacher's top-k tokens, both renormalised there. decay < 1 weights
+    the early masks, which a tree accepts far more often.
+    """
+
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0
+    kl_top_k: int = 0
+    offset_decay: float = 1.0
+
+    def __post_init__(self):
+        if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight == 0:
+            raise ConfigError("loss: ce_weight and kl_weight must be >= 0 and not both 0")
+        if self.kl_top_k < 0 or not 0 < self.offset_decay <= 1:
+            raise ConfigError("loss: kl_top_k >= 0 and 0 < offset_decay <= 1 required")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One BiTA training run. Architecture comes from `model`'s config.json, never from here.
 
@@ -400,9 +430,11 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
+    eval_every: int = 0  # held-out evaluation every N steps when the caller gives one (0: at the end only)
     keep_checkpoints: int = 2
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     bita: BiTAConfig = dataclasses.field(default_factory=BiTAConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     sharding_rules: dict[str, Any] | None = None
@@ -410,8 +442,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"train.dtype must be auto or one of {DTYPES}, got {self.dtype!r}")
-        if self.steps < 0 or self.epochs <= 0 or self.log_every < 1 or self.save_every < 1:
-            raise ConfigError("train: steps >= 0, epochs > 0, log_every >= 1 and save_every >= 1 required")
+        if self.steps < 0 or self.epochs <= 0 or self.log_every < 1 or self.save_every < 1 or self.eval_every < 0:
+            raise ConfigError(
+                "train: steps >= 0, epochs > 0, log_every >= 1, save_every >= 1 and eval_every >= 0 required"
+            )
         if self.batch_size < 1 or self.batch_size % self.optimizer.grad_accum:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a positive multiple of "

@@ -35,23 +35,27 @@ def test_sequence_matches_method_tables():
     offsets = data.group_offsets(5, M, max_groups=64, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(offsets, [0, 1, 2])
     seq = training_mask.build_sequence(example.source, example.target, offsets, V, M)
-    # input = source ++ target[:s_last=2] ++ 3 groups of [V, V+1]
-    np.testing.assert_array_equal(seq["tokens"], [1, 11, 12, 20, 21, V, V + 1, V, V + 1, V, V + 1])
-    np.testing.assert_array_equal(seq["group"], [-1] * 5 + [0, 0, 1, 1, 2, 2])
+    # input = source ++ target[:s_last + M = 4] ++ 3 groups of [V, V+1]: the normal part runs M
+    # past s_last so that the last group's labels have teacher rows (S + s_j + k predicts label k).
+    masks = [V, V + 1] * 3
+    np.testing.assert_array_equal(seq["tokens"], [1, 11, 12, 20, 21, 22, 23] + masks)
+    np.testing.assert_array_equal(seq["group"], [-1] * 7 + [0, 0, 1, 1, 2, 2])
     # normal i -> i; mask k of group j -> S + s_j + k
-    np.testing.assert_array_equal(seq["positions"], [0, 1, 2, 3, 4, 3, 4, 4, 5, 5, 6])
-    # mask k of group j -> target[s_j + 1 + k]
-    np.testing.assert_array_equal(seq["labels"], [-100] * 5 + [21, 22, 22, 23, 23, 9])
-    np.testing.assert_array_equal(seq["visible_end"], [1, 2, 3, 4, 5, 3, 3, 4, 4, 5, 5])
+    np.testing.assert_array_equal(seq["positions"], [0, 1, 2, 3, 4, 5, 6, 3, 4, 4, 5, 5, 6])
+    # mask k of group j -> target[s_j + 1 + k], the normal token right after its teacher row
+    np.testing.assert_array_equal(seq["labels"], [-100] * 7 + [21, 22, 22, 23, 23, 9])
+    normal = seq["tokens"][:7]
+    np.testing.assert_array_equal(seq["labels"][7:-1], normal[seq["positions"][7:-1] + 1])
+    np.testing.assert_array_equal(seq["visible_end"], [1, 2, 3, 4, 5, 6, 7, 3, 3, 4, 4, 5, 5])
     mask = np.asarray(
         training_mask.attention_mask(*(seq[k][None] for k in ("group", "visible_end", "positions")))
     )[0]
     np.testing.assert_array_equal(mask, rule_mask(seq))
     # Spot checks straight from the table: group 1 (s_1 = 1) sees source + target[:1] and its own masks.
-    row = 7  # mask 0 of group 1
-    assert mask[row].nonzero()[0].tolist() == [0, 1, 2, 3, 7]
-    assert mask[row + 1].nonzero()[0].tolist() == [0, 1, 2, 3, 7, 8]
-    assert not mask[:5, 5:].any()  # normal rows never see masks
+    row = 9  # mask 0 of group 1
+    assert mask[row].nonzero()[0].tolist() == [0, 1, 2, 3, 9]
+    assert mask[row + 1].nonzero()[0].tolist() == [0, 1, 2, 3, 9, 10]
+    assert not mask[:7, 7:].any()  # normal rows never see masks
 
 
 def test_window_of_g_groups_and_padding():
@@ -59,7 +63,7 @@ def test_window_of_g_groups_and_padding():
     offsets = data.group_offsets(21, M, max_groups=4, rng=np.random.default_rng(5))
     assert len(offsets) == 4 and np.all(np.diff(offsets) == 1) and 0 <= offsets[0] <= 21 - M - 4
     seq = training_mask.build_sequence(example.source, example.target, offsets, V, M)
-    assert len(seq["tokens"]) == 2 + offsets[-1] + 4 * M
+    assert len(seq["tokens"]) == 2 + offsets[-1] + M + 4 * M
     batch = data.collate([seq], 40, pad_id=9)
     padded = {k: v[0] for k, v in batch.items()}
     mask = np.asarray(

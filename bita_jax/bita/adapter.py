@@ -46,6 +46,34 @@ def init_adapter(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> Adapte
     }
 
 
+def init_from_text(
+    model: LlamaModel, params, bita: BiTAConfig, tokens: jax.Array, rng: jax.Array
+) -> Adapter:
+    """An adapter that starts where the frozen model's own activations are, instead of near zero.
+
+    The prefix keys/values are the model's keys/values [L, P, K, H] on real text, at P positions
+    spread evenly over it, each KV head repeated for its G query heads; mask k is the input
+    embedding of a token drawn from the text. Random N(0, 0.02) starts are far smaller than real
+    keys and values (order 1), so a short run spends its first steps only growing them.
+
+    Args:
+      tokens: [T] ids of real text, T >= 1.
+    """
+    cfg = model.config
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)[None]
+    causal = positions[:, :, None] >= positions[:, None, :]  # [1, T, T]
+    embeds = model.apply({"params": params}, tokens[None], method="embed")
+    _, (k, v) = model.apply({"params": params}, embeds, positions, causal)  # [L, 1, T, K, H]
+    picks = jnp.round(jnp.linspace(0, tokens.shape[0] - 1, bita.num_prompt_tokens)).astype(jnp.int32)
+    per_query_head = lambda x: jnp.repeat(x[:, 0, picks], cfg.num_heads // cfg.num_kv_heads, axis=2)  # noqa: E731
+    drawn = jax.random.randint(rng, (bita.num_mask_tokens,), 0, tokens.shape[0])  # [M] positions
+    return {
+        "prefix_keys": per_query_head(k).astype(jnp.float32),
+        "prefix_values": per_query_head(v).astype(jnp.float32),
+        "mask_embeddings": embeds[0, drawn].astype(jnp.float32),
+    }
+
+
 def abstract_adapter(model: ModelConfig, bita: BiTAConfig) -> dict[str, jax.ShapeDtypeStruct]:
     return {name: jax.ShapeDtypeStruct(s, jnp.float32) for name, s in adapter_shapes(model, bita).items()}
 

@@ -3,11 +3,15 @@
 One (source, target) example with group offsets s_0 < ... < s_{g-1} becomes one sequence of the
 method's "efficient" format (method doc 2.3-2.5):
 
-    tokens   = source ++ target[:s_last] ++ g groups of the M mask ids V..V+M-1
+    tokens   = source ++ target[:s_last + M] ++ g groups of the M mask ids V..V+M-1
     group    = -1 on normal tokens, j on the masks of group j
     visible  = (for the attention mask) normal row i: i + 1; mask of group j: S + s_j
     position = normal i: i; mask k of group j: S + s_j + k
     label    = mask k of group j: target[s_j + 1 + k]; -100 elsewhere
+
+The normal part runs M tokens past s_last (no mask sees them: visibility stops at S + s_j) so that
+every label's teacher row, the normal row S + s_j + k that predicts target[s_j + 1 + k], exists
+(the soft-label loss, training/step.py).
 
 `build_sequence` writes that metadata with numpy on the host. `attention_mask` turns it into the
 [B, T, T] mask of one forward over the whole sequence; the train step instead runs the normal
@@ -40,7 +44,7 @@ def build_sequence(
     source = np.asarray(source, np.int32)
     target = np.asarray(target, np.int32)
     S, g, M = len(source), len(offsets), num_masks
-    normal_len = S + (int(offsets[-1]) if g else len(target))
+    normal_len = S + (min(int(offsets[-1]) + M, len(target)) if g else len(target))
     normal = np.concatenate([source, target])[:normal_len]
     k = np.tile(np.arange(M), g)  # [g*M] offset of each mask within its group
     j = np.repeat(np.arange(g), M)  # [g*M] group of each mask

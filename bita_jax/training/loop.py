@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from bita_jax.bita.adapter import init_adapter
+from bita_jax.bita.adapter import abstract_adapter, init_adapter, init_from_text
 from bita_jax.config import TrainConfig
 from bita_jax.errors import ConfigError, Interrupted, UserError
 from bita_jax.io.adapter_files import save_adapter
 from bita_jax.io.hf import load_config, load_params
 from bita_jax.io.paths import check_writable_dir, writing
+from bita_jax.models.llama import LlamaModel
 from bita_jax.sharding import check_mesh_fits, make_mesh, rules_from_overrides
 from bita_jax.training import data, resume
 from bita_jax.training.optimizer import make_optimizer
@@ -34,6 +35,8 @@ from bita_jax.training.step import TrainState, make_train_step, step_shardings
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+INIT_TEXT_TOKENS = 256  # real text for `bita.init: activations`
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -77,8 +80,12 @@ def agreed_length(stream: data.BatchStream, sequences: list[dict[str, np.ndarray
     return length
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Trains the adapter, resuming from OUTPUT/checkpoints, and writes OUTPUT/adapter.
+
+    `evaluate(adapter) -> dict` (held-out measurements; the caller's) runs before the first step,
+    every `cfg.eval_every` steps and after the last; its results go to OUTPUT/eval.jsonl with the
+    step and the sequences seen, one line per evaluation, kept consistent across resumes.
 
     Returns the last logged metrics (with `step`); `finished: True` when the run had already
     reached its steps (nothing trained).
@@ -115,8 +122,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     )
 
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
-    adapter = init_adapter(model_cfg, cfg.bita, jax.random.key(cfg.seed))
-    sh = step_shardings(model_cfg, optimizer, adapter, mesh, rules)
+    sh = step_shardings(model_cfg, optimizer, abstract_adapter(model_cfg, cfg.bita), mesh, rules)
+    base = load_params(cfg.model, model_cfg, sh.base)
+    adapter = first_adapter(cfg, model_cfg, base, examples)
     adapter = jax.device_put(adapter, sh.state.adapter)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), sh.state.step),
@@ -133,6 +141,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     start = int(state.step)
     is_main = jax.process_index() == 0
     metrics_path = os.path.join(cfg.output, METRICS_FILE)
+    eval_path = os.path.join(cfg.output, EVAL_FILE)
     adapter_dir = os.path.join(cfg.output, ADAPTER_DIR)
     if start >= total_steps:
         if not os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors")):
@@ -142,11 +151,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if start and is_main:
         print(f"resumed from step {start} of {total_steps} ({cfg.output})", file=sys.stderr)
     if is_main:
-        resume.trim_metrics(metrics_path, start)  # steps after the checkpoint will be logged again
-    base = load_params(cfg.model, model_cfg, sh.base)
+        for path in (metrics_path, eval_path):
+            resume.trim_metrics(path, start)  # steps after the checkpoint will be logged again
     train_step = make_train_step(
-        model_cfg, cfg.bita, optimizer, schedule, cfg.data.max_groups * M, cfg.seed, sh
+        model_cfg, cfg.bita, optimizer, schedule, cfg.data.max_groups * M, cfg.seed, sh, cfg.loss
     )
+
+    def log_evaluation(step: int) -> None:
+        result = {"step": step, "sequences": step * cfg.batch_size, **evaluate(state.adapter)}
+        if is_main:
+            with writing(eval_path), open(eval_path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+    if evaluate is not None and start == 0:
+        log_evaluation(0)
 
     last: dict[str, Any] = {"step": start}
     saved = start
@@ -185,6 +203,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", acc=last["mask_acc"])
                 tokens_since, clock = 0, now
             bar.update(1)
+            if evaluate is not None and (done == total_steps or (cfg.eval_every and done % cfg.eval_every == 0)):
+                log_evaluation(done)
             if save_now:
                 checkpoint.save(mngr, done, state, position)
                 saved = done
@@ -197,6 +217,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with writing(adapter_dir):
         save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
     return last
+
+
+def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Example]) -> Any:
+    """The adapter a run starts from (`bita.init`): random, or from the frozen model's activations
+    on the first INIT_TEXT_TOKENS tokens of process 0's examples (the same text on every host)."""
+    rng = jax.random.key(cfg.seed)
+    if cfg.bita.init == "random":
+        return init_adapter(model_cfg, cfg.bita, rng)
+    text = np.full((INIT_TEXT_TOKENS,), -1, np.int32)
+    joined = [t for e in examples for t in (*e.source, *e.target)][:INIT_TEXT_TOKENS]
+    text[: len(joined)] = joined
+    text = np.asarray(multihost_utils.broadcast_one_to_all(text))
+    text = text[text >= 0]
+    return init_from_text(LlamaModel(model_cfg), base, cfg.bita, jnp.asarray(text), rng)
 
 
 def check_trainable(num_examples: int, num_trainable: int, num_masks: int, path: str) -> None:

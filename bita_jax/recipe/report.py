@@ -1,0 +1,153 @@
+"""The recipe's evaluation report on an evaluation set (MT-Bench first turns): greedy, chat template.
+
+Per measurement one JSON file in RUN/report/, so an interrupted report resumes where it stopped:
+  ar.json            AR outputs and speed (the reference every other output is compared with)
+  replay.json        replayed tau and acceptance per level of each tree, from the adapter's ranks on
+                     the AR outputs (teacher forcing: exactly what greedy tree decoding accepts)
+  bita-<tree>.json   measured BiTA decoding per tree: tau, acceptance per level, identical-to-AR count
+  bf16.json          bfloat16 weights under the exact precision policy: BiTA == AR in bf16
+  lookup.json        transformers' prompt-lookup decoding tau on the same prompt ids
+report.md gathers them into one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from bita_jax import api
+from bita_jax.bita.tree import parse_tree
+from bita_jax.errors import UserError
+from bita_jax.io.paths import writing
+from bita_jax.recipe.pipeline import RecipeConfig, path
+from bita_jax.training import data
+from bita_jax.tuning.stats import AcceptanceStats
+from bita_jax.tuning.tuner import acceptance_statistics
+
+REPORT_TREES = ("auto", "upper:5", "chain")
+MAX_RANK = 8
+
+
+def evaluation_prompts(file: str, count: int) -> list[str]:
+    """First turns (MT-Bench "turns"[0]) or "prompt" fields of an evaluation jsonl."""
+    if not file:
+        raise UserError("the report needs an evaluation set: --exclude FILE (e.g. MT-Bench first turns)")
+    with open(file, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r.get("turns") or [r.get("prompt")])[0] for r in records][:count]
+
+
+def measured(file: str, compute) -> dict[str, Any]:
+    """The measurement stored in `file`, computed and stored first if it is not there yet."""
+    if os.path.isfile(file):
+        with open(file) as f:
+            return json.load(f)
+    result = compute()
+    with writing(file), open(file + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(file + ".tmp", file)
+    return result
+
+
+def decode(model: api.Model, prompts: list[str], cfg: RecipeConfig, **options) -> dict[str, Any]:
+    run = model.run(prompts, chat=True, max_new_tokens=cfg.report_tokens, batch_size=cfg.report_batch, **options)
+    tokens = sum(len(g.output_ids) for g in run.generations)
+    steps = sum(g.steps for g in run.generations)
+    out = {
+        "outputs": [g.output_ids for g in run.generations],
+        "tokens": tokens, "steps": steps, "tau": tokens / steps, "tokens_per_s": tokens / run.seconds,
+        "tree": None if run.tree is None else run.tree.describe(),
+    }  # fmt: skip
+    if run.accepted_per_level is not None:
+        out["acceptance"] = (run.accepted_per_level.sum(axis=0) / steps).round(4).tolist()
+    return out
+
+
+def identical(outputs: list[list[int]], reference: list[list[int]]) -> int:
+    return sum(a == b for a, b in zip(outputs, reference, strict=True))
+
+
+def replay(model: api.Model, prompt_ids: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
+    """Replayed tau per tree and per-level acceptance from teacher-forced ranks on the AR outputs."""
+    examples = [data.Example(tuple(p), tuple(o)) for p, o in zip(prompt_ids, outputs, strict=True) if len(o) > 1]
+    stats: AcceptanceStats = acceptance_statistics(model, examples, MAX_RANK)
+    M = model.bita_config.num_mask_tokens
+    trees = {spec: parse_tree(spec, M) for spec in REPORT_TREES if spec != "auto"}
+    auto = model.auto_tree(1).tree
+    if auto is not None:
+        trees["auto"] = auto
+    points = np.concatenate(stats.sequences)
+    return {
+        "mask_acc": [float(np.mean(points[points[:, m] != -1, m] == 0)) for m in range(M)],
+        "tau": {name: stats.replayed_tokens(tree) for name, tree in trees.items()},
+        "auto_tree": None if auto is None else auto.describe(),
+    }
+
+
+def stage_report(cfg: RecipeConfig) -> str:
+    out = path(cfg, "report")
+    os.makedirs(out, exist_ok=True)
+    prompts = evaluation_prompts(cfg.exclude, cfg.report_prompts)
+    adapter = path(cfg, "train", "adapter")
+    model = api.load(cfg.model, adapter=adapter)
+    ar = measured(os.path.join(out, "ar.json"), lambda: decode(model, prompts, cfg, mode="ar"))
+    prompt_ids = model.encode(prompts, chat=True)
+    results = {"ar": ar, "replay": measured(os.path.join(out, "replay.json"),
+                                            lambda: replay(model, prompt_ids, ar["outputs"]))}  # fmt: skip
+    for spec in cfg.report_trees:
+        name = f"bita-{spec.replace(':', '')}"
+        results[name] = measured(os.path.join(out, f"{name}.json"),
+                                 lambda s=spec: decode(model, prompts, cfg, mode="bita", tree=s))  # fmt: skip
+    bf16 = api.load(cfg.model, adapter=adapter, dtype="bfloat16")  # exact precision policy
+    results["bf16"] = measured(os.path.join(out, "bf16.json"), lambda: {
+        "ar": decode(bf16, prompts, cfg, mode="ar"),
+        "bita": decode(bf16, prompts, cfg, mode="bita", tree=cfg.report_trees[0]),
+    })  # fmt: skip
+
+    def lookup() -> dict[str, Any]:
+        from bita_jax.cli.bench import run_hf
+
+        r = run_hf(cfg.model, prompt_ids, cfg.report_tokens, model.config, 10)
+        return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
+
+    results["lookup"] = measured(os.path.join(out, "lookup.json"), lookup)
+    write_markdown(cfg, results, len(prompts), os.path.join(out, "report.md"))
+    return out
+
+
+def write_markdown(cfg: RecipeConfig, results: dict[str, Any], count: int, file: str) -> None:
+    ar = results["ar"]
+    rows = [
+        "| method | tree | tau (measured) | tau (replayed) | acceptance per level | identical to AR | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| AR | - | 1.00 | - | - | - | {ar['tokens_per_s']:.1f} |",
+    ]
+    replayed = results["replay"]["tau"]
+    for spec in cfg.report_trees:
+        r = results[f"bita-{spec.replace(':', '')}"]
+        acc = " / ".join(f"{a:.2f}" for a in r.get("acceptance", []))
+        key = "auto" if spec == "auto" else spec
+        rows.append(
+            f"| BiTA | {spec} ({r['tree'] or 'AR'}) | {r['tau']:.2f} | {replayed.get(key, float('nan')):.2f} "
+            f"| {acc} | {identical(r['outputs'], ar['outputs'])}/{count} | {r['tokens_per_s']:.1f} |"
+        )
+    bf16 = results["bf16"]
+    rows.append(
+        f"| BiTA bf16 exact | {cfg.report_trees[0]} | {bf16['bita']['tau']:.2f} | - | - "
+        f"| {identical(bf16['bita']['outputs'], bf16['ar']['outputs'])}/{count} (vs bf16 AR) "
+        f"| {bf16['bita']['tokens_per_s']:.1f} |"
+    )
+    lookup = results["lookup"]
+    rows.append(f"| transformers prompt lookup (10) | - | {lookup['tau']:.2f} | - | - "
+                f"| {identical(lookup['outputs'], ar['outputs'])}/{count} | {lookup['tokens_per_s']:.1f} |")
+    acc = " / ".join(f"{a:.3f}" for a in results["replay"]["mask_acc"])
+    head = (f"{count} evaluation prompts ({os.path.basename(cfg.exclude)}), chat template, greedy, "
+            f"{cfg.report_tokens} new tokens, batch {cfg.report_batch}; {platform.machine()}, "
+            f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}. Mask top-1 accuracy on the AR "
+            f"outputs: {acc}.\n\n")  # fmt: skip
+    with open(file, "w") as f:
+        f.write(head + "\n".join(rows) + "\n")

@@ -8,8 +8,10 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds; for bita `steps` counts tree steps) as each batch finishes, and prints a short summary.
-An interrupted run keeps its finished records; --resume decodes only the prompts they lack.
+seconds; for bita `steps` counts tree steps; `run`: what made it) as each batch finishes, and prints
+a short summary. One run at a time writes an --output (a second is refused). An interrupted run
+keeps its finished records; --resume decodes only the prompts they lack, and refuses records made
+with another model, adapter or options (docs/reliability.md).
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
 speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
 default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,
@@ -19,17 +21,21 @@ dtype and batch size, and decodes AR when no tree pays off there.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from tqdm import tqdm
 
 from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
-from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
+from bita_jax.cli.files import ResultsFile, read_prompt_lines
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.loop import SCAN_LAYERS
-from bita_jax.io.paths import check_output_file
+from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
+from bita_jax.errors import PromptError
+from bita_jax.io.fingerprint import adapter_fingerprint, model_fingerprint
 from bita_jax.tuning.auto import AUTO
 
 
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "equals AR's; fast computes in bfloat16",
     )
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
+    parser.add_argument("--output", help="write results to this jsonl file (default, or -: stdout)")
     parser.add_argument(
         "--resume", action="store_true", help="keep the records already in --output, decode the rest"
     )
@@ -74,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="bita: also run AR, print the speedup (faster of two runs per mode) and equality",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    # Sampling only: given with temperature 0 they are refused (they would change nothing).
+    parser.add_argument("--top-k", type=int, help="sampling: the k most likely tokens (default 0: off)")
+    parser.add_argument("--top-p", type=float, help="sampling: nucleus threshold (default 1: off)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -100,14 +107,66 @@ def decoding_mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def prompt_texts(args) -> list[str]:
+def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
+    """temperature, top_k, top_p, seed; refuses sampling flags given for a greedy decode (they would
+    change nothing, yet a reader of the command would believe they did) and values that are not
+    finite, before anything is loaded."""
+    given = {name: getattr(args, name) for name in SAMPLING_ONLY if getattr(args, name) is not None}
+    if args.temperature == 0 and given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise UserError(f"{flag} is for sampling, but --temperature is 0 (greedy): give --temperature > 0")
+    options = {"temperature": args.temperature, **SAMPLING_ONLY, **given}
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(options[name]):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {options[name]}")
+    Sampler(options["temperature"], options["top_k"], options["top_p"])  # refuses values out of range
+    return options
+
+
+def prompt_texts(args) -> tuple[list[str], list[str]]:
+    """The prompts, and how to name each in a message (its file line, or its place in --prompt)."""
     if args.prompt and args.prompts:
         raise UserError("give either --prompt or --prompts, not both")
     if args.prompts:
-        return read_prompts(args.prompts)
+        texts, lines = read_prompt_lines(args.prompts)
+        return texts, [f"prompt {i + 1} ({args.prompts} line {n})" for i, n in enumerate(lines)]
     if not args.prompt:
         raise UserError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
-    return args.prompt
+    for text in args.prompt:
+        if text.endswith(".jsonl") and os.path.isfile(text):
+            raise UserError(f"--prompt {text} names a file: to decode its prompts, use --prompts {text}")
+    where = [f"--prompt {i + 1}" for i in range(len(args.prompt))]
+    try:  # empty, or invalid Unicode (undecodable bytes in the command line)
+        api.check_prompts(args.prompt)
+    except PromptError as e:
+        raise UserError(f"{where[e.index]} {e.reason}") from None
+    return args.prompt, where
+
+
+def check_not_prompts(output: str | None, prompts: str | None) -> None:
+    """Refuses an --output that is the --prompts file (results would overwrite the prompts)."""
+    if output and prompts and os.path.exists(output) and os.path.exists(prompts):
+        if os.path.samefile(output, prompts):
+            raise UserError(f"--output {output} is the --prompts file: give another --output")
+
+
+def run_identity(args: argparse.Namespace, mode: str, sampling: dict, plan=None) -> dict:
+    """What a record's output depends on (files.IDENTITY_OPTIONS); mode and tree as decoded once a
+    plan is given, else as asked (mode) and absent (tree)."""
+    identity = {
+        "model": model_fingerprint(args.model),
+        "adapter": adapter_fingerprint(args.adapter) if mode == "bita" else None,
+        "mode": mode,
+        **used_options(**sampling),
+        "max_new_tokens": args.max_new_tokens,
+        "chat": args.chat,
+        "dtype": args.dtype,
+        "precision": args.precision,
+    }
+    if plan is not None:
+        identity["mode"] = plan.mode
+        identity["tree"] = None if plan.tree is None else [list(p) for p in plan.tree.paths]
+    return identity
 
 
 def fastest_of_two(model: api.Model, texts: list[str], first: api.Run, **options) -> api.Run:
@@ -128,20 +187,39 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--model DIR is required")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.resume and not args.output:
+    output = None if args.output in (None, "-") else args.output
+    if args.resume and output is None:
         raise UserError("--resume needs --output FILE")
     mode = decoding_mode(args)
-    texts = prompt_texts(args)
-    done, offset = [], 0
-    if args.output:  # before anything is loaded: a bad --output must not cost a model load
-        check_output_file(args.output)
-        done, offset = finished_records(args.output, texts, args.resume)
-    if len(done) == len(texts):
-        print(f"all {len(texts)} prompts are already in {args.output}; nothing to decode", file=sys.stderr)
+    sampling = sampling_options(args)
+    all_texts, where = prompt_texts(args)
+    check_not_prompts(output, args.prompts)
+    # The output is checked and locked before anything is loaded: a bad or busy --output must not
+    # cost a model load; it stays locked until every record is written.
+    with ResultsFile(output, all_texts, args.resume) as results:
+        return decode(args, mode, sampling, all_texts, where, results)
+
+
+def decode(
+    args: argparse.Namespace,
+    mode: str,
+    sampling: dict,
+    all_texts: list[str],
+    where: list[str],
+    results: ResultsFile,
+) -> int:
+    """Decodes the prompts `results` lacks and writes their records there; prints the reports.
+
+    `where` names each prompt for messages (`prompt_texts`)."""
+    done = results.records
+    if done:  # refused before a model load where it can be: all but the mode and tree as decoded
+        results.check(run_identity(args, mode, sampling), skip=("mode", "tree"))
+    if len(done) == len(all_texts):
+        print(f"all {len(done)} prompts are already in {args.output}: nothing to decode", file=sys.stderr)
         return 0
     if done:
-        print(f"resuming: {len(done)} of {len(texts)} prompts already in {args.output}", file=sys.stderr)
-    texts = texts[len(done) :]
+        print(f"resuming: {len(done)} of {len(all_texts)} prompts already in {args.output}", file=sys.stderr)
+    texts = all_texts[len(done) :]
     model = api.load(
         args.model,
         adapter=args.adapter if mode == "bita" else None,
@@ -152,22 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     tree = args.tree or AUTO
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
-    model.check(texts, mode=mode, **options)  # bad input fails before the progress bar shows
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree, **sampling
+    )
+    try:  # bad input fails before the progress bar shows
+        plan = model.check(texts, mode=mode, **options)
+    except PromptError as e:
+        raise UserError(f"{where[len(done) + e.index]} {e.reason}") from None
+    identity = run_identity(args, mode, sampling, plan)
+    results.check(identity)
     # Records own stdout unless --output is given; reports go wherever they do not.
-    out = sys.stdout if args.output else sys.stderr
-    writer = RecordWriter(args.output, offset)
+    out = sys.stdout if results.fd is not None else sys.stderr
 
     def batch_done(records: list[dict]) -> None:
-        writer.write(records)
+        results.write(records, identity)
         progress.update(len(records))
 
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
         run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
-        writer.close()
         if run.mode == "bita":
             tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)

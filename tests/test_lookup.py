@@ -36,7 +36,8 @@ def reference_proposal(history: list[int], n: int, max_ngram: int = lookup.MAX_N
             if suffix is not None and history[start : start + g] == suffix:
                 out = []
                 for k in range(n):  # an overlapping copy: each token copies the one p back
-                    out.append(history[start + g + k] if start + g + k < length else out[k - (length - start - g)])
+                    known = start + g + k < length
+                    out.append(history[start + g + k] if known else out[k - (length - start - g)])
                 return out
     return [NO_MATCH] * n
 
@@ -61,7 +62,9 @@ def test_proposals_match_reference_on_random_histories():
         [4, 1, 2, 3, 8, 0, 1, 2, 3],  # g = 3, most recent earlier occurrence
         [6, 6, 1, 6, 6, 2, 6, 6],  # several occurrences: the most recent
     ]
-    histories += [rng.integers(0, vocab, rng.integers(1, 40)).tolist() for vocab in (3, 5, 12, 40) for _ in range(12)]
+    histories += [
+        rng.integers(0, vocab, rng.integers(1, 40)).tolist() for vocab in (3, 5, 12, 40) for _ in range(12)
+    ]
     for n in (1, 4, 7):
         got = run_propose(histories, n, 48)
         for b, h in enumerate(histories):

@@ -164,7 +164,7 @@ class DraftTree:
     def parent(self) -> np.ndarray:
         """[N] parent node index, -1 for children of the root."""
         index = {p: i for i, p in enumerate(self.paths)}
-        chain = [-1] + [self.num_mask_nodes + j for j in range(self.lookup - 1)]
+        chain = [self.num_mask_nodes + j - 1 if j else -1 for j in range(self.lookup)]
         return np.asarray([index.get(p[:-1], -1) for p in self.paths] + chain, np.int32)
 
     @functools.cached_property
@@ -304,7 +304,9 @@ def parse_tree(spec: str, num_masks: int) -> DraftTree:
     if not masks:
         return DraftTree((), lookup)
     if num_masks < 1:
-        raise ConfigError(f"tree {masks[0]!r} drafts with mask tokens: it needs an adapter (lookup:n does not)")
+        raise ConfigError(
+            f"tree {masks[0]!r} drafts with mask tokens: it needs an adapter (lookup:n does not)"
+        )
     return _parse_mask_tree(masks[0], num_masks).with_lookup(lookup)
 
 

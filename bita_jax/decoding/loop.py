@@ -221,7 +221,9 @@ class BiTACarry:
     prompt_lens: jax.Array
 
     @classmethod
-    def initial(cls, tree: DraftTree, tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int) -> "BiTACarry":
+    def initial(
+        cls, tree: DraftTree, tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int
+    ) -> "BiTACarry":
         batch = tokens.shape[0]
         return cls(
             drafts=placeholder_drafts(tree, batch, vocab_size),

@@ -92,7 +92,8 @@ def method_row(run: api.Run, ar: api.Run, predicted: float | None) -> dict:
     }
 
 
-def bench_set(model: api.Model, name: str, texts: list[str], max_new: int, batch: int, hf: bool) -> dict:
+def bench_set(model: api.Model, name: str, texts: list[str], max_new: int, batch: int, hf: bool,
+              methods: list[tuple[str, str, str]]) -> dict:  # fmt: skip
     print(f"\n== {name}: {len(texts)} prompts, max_new_tokens {max_new}, batch {batch}", flush=True)
     ar = timed_run(model, texts, mode="ar", max_new_tokens=max_new, batch_size=batch)
     ar_tokens = sum(len(g.output_ids) for g in ar.generations)
@@ -100,7 +101,7 @@ def bench_set(model: api.Model, name: str, texts: list[str], max_new: int, batch
     stats = tuner.acceptance_statistics(model, [e for e in examples if len(e.target) > 1], tuner.DEFAULT_MAX_RANK)
     result = {"prompts": len(texts), "ar_tokens_per_s": ar_tokens / ar.seconds, "methods": {}}
     print(f"AR: {ar_tokens / ar.seconds:.1f} tokens/s", flush=True)
-    for label, mode, spec in METHODS:
+    for label, mode, spec in methods:
         run = timed_run(model, texts, mode=mode, tree=spec, max_new_tokens=max_new, batch_size=batch)
         tree = parse_tree(spec, model.bita_config.num_mask_tokens)
         row = method_row(run, ar, stats.replayed_tokens(tree))
@@ -135,16 +136,19 @@ def main() -> int:
     parser.add_argument("--humaneval", type=int, default=40, help="HumanEval prompts (0: none)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' prompt lookup")
+    parser.add_argument("--methods", default=",".join(m[0] for m in METHODS), help="labels of METHODS")
+    parser.add_argument("--demo-prompts", type=int, default=40, help="of the demo's 40 held-out prompts")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "lookup_bench.json"))
     args = parser.parse_args()
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     model = api.load(demo.MODEL_DIR, adapter=demo.ADAPTER_DIR)
-    sets = {"demo held-out (stdlib)": read_prompts(demo.PROMPTS_FILE)}
+    methods = [m for m in METHODS if m[0] in args.methods.split(",")]
+    sets = {"demo held-out (stdlib)": read_prompts(demo.PROMPTS_FILE)[: args.demo_prompts]}
     if args.humaneval:
         sets["HumanEval"] = humaneval_prompts(model, args.humaneval)
     start = time.time()
     results = {
-        name: bench_set(model, name, texts, args.max_new_tokens, args.batch_size, not args.no_hf)
+        name: bench_set(model, name, texts, args.max_new_tokens, args.batch_size, not args.no_hf, methods)
         for name, texts in sets.items()
     }
     out = {

@@ -304,7 +304,7 @@ def test_hybrid_replay_by_hand():
     loaded = AcceptanceStats.from_json(json.loads(json.dumps(stats.to_json())))
     np.testing.assert_array_equal(loaded.lookup_runs[0], runs)
     candidates = {tree for tree, _ in stats.best_trees(60)}
-    assert DraftTree((), 4) in candidates and chain.with_lookup(4) in candidates
+    assert DraftTree((), 4) in candidates and any(t.paths and t.lookup == 4 for t in candidates)
     with pytest.raises(ConfigError):  # statistics without lookup runs cannot score a lookup chain
         AcceptanceStats.from_ranks([ranks], max_rank=3).accepted_drafts(DraftTree((), 2))
 

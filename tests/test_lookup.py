@@ -200,3 +200,15 @@ def test_trained_adapter_hybrid_equals_ar(demo_model, batch):
             run = demo_model.run(texts, mode=mode, tree=spec, **options)
             assert [g.output_ids for g in run.generations] == [g.output_ids for g in ar.generations]
             assert run.accepted_lookup.sum() > 0  # the demo's code repeats itself
+
+
+def test_decode_cli_lookup_mode_needs_no_adapter():
+    from bita_jax.cli import UserError
+    from bita_jax.cli.decode import build_parser, decoding_mode
+
+    parse = lambda *a: build_parser().parse_args(["--model", "M", "--prompt", "x", *a])  # noqa: E731
+    assert decoding_mode(parse("--mode", "lookup", "--tree", "lookup:4")) == "lookup"
+    with pytest.raises(UserError, match="needs no --adapter"):
+        decoding_mode(parse("--mode", "lookup", "--adapter", "A"))
+    with pytest.raises(UserError, match="--mode lookup"):
+        decoding_mode(parse("--mode", "bita"))

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
         writer.close()
         if run.mode != "ar":
-            tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
+            shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
+            tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)
             tqdm.write(
                 acceptance_report(run.generations, run.accepted_per_level, run.accepted_lookup), file=out

@@ -32,7 +32,8 @@ from bita_jax.sharding import check_mesh_fits, check_platform, make_mesh, mesh_r
 from bita_jax.tuning.auto import AUTO, AutoTree, resolve_auto_tree
 from bita_jax.tuning.choice import TreeStore, load_store
 
-MODES = ("ar", "bita")
+MODES = ("ar", "bita", "lookup")
+DEFAULT_LOOKUP_TREE = "lookup:4"
 
 
 @dataclasses.dataclass
@@ -40,7 +41,8 @@ class Run:
     """One `Model.run`: records and per-prompt generations in input order, and the run's totals.
 
     Attributes:
-      accepted_per_level: BiTA only, [prompts, Dt] steps in which draft level m was accepted.
+      accepted_per_level: tree steps only, [prompts, Dt] steps in which draft level m was accepted.
+      accepted_lookup: tree steps only, [prompts] drafts accepted through the lookup chain.
       auto: what `tree="auto"` resolved to (None for other trees and mode "ar"); when it chose AR,
         `mode` is "ar".
     """
@@ -53,6 +55,7 @@ class Run:
     compile_seconds: float
     tree: DraftTree | None = None
     accepted_per_level: np.ndarray | None = None
+    accepted_lookup: np.ndarray | None = None
     auto: AutoTree | None = None
 
 
@@ -62,9 +65,12 @@ class GenerateOptions:
 
     Attributes:
       max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
-      mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
+      mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
+        prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
       tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype
-        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths.
+        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths, each
+        optionally with a prompt-lookup chain `+lookup:n`; or `lookup:n` alone. In mode "lookup"
+        "auto" means `lookup:4`.
       batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
       chat: wrap prompts in the tokenizer's chat template.
       temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature), after
@@ -89,7 +95,7 @@ class _Plan:
     """How `Model.run` decodes a validated request.
 
     Attributes:
-      mode: "ar" or "bita" (AR also when tree="auto" chose AR).
+      mode: "ar", "bita" or "lookup" (AR also when tree="auto" chose AR).
       tree: the draft tree, None for AR.
       auto: what tree="auto" resolved to; None when another tree or AR was asked for.
       prompt_ids: the encoded prompts; batch_size: after clamping to the prompts.
@@ -165,6 +171,11 @@ class Model:
             raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
         batch_size = min(batch_size, ways * -(-max(len(prompts), 1) // ways))
         draft_tree = auto = None
+        if mode == "lookup":
+            spec = DEFAULT_LOOKUP_TREE if options.tree == AUTO else options.tree
+            draft_tree = parse_tree(spec, 0)
+            if draft_tree.mask_depth:
+                raise ConfigError(f"mode lookup takes a tree lookup:n, got {options.tree!r}")
         if mode == "bita":
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
@@ -236,10 +247,10 @@ class Model:
         )
         max_new_tokens = options.max_new_tokens
 
-        if mode == "bita":
-            key = ("bita", draft_tree, max_new_tokens, policy)
+        if mode != "ar":  # the tree step; a lookup-only tree needs no adapter
+            key = ("tree", draft_tree, max_new_tokens, policy)
             make = lambda: loop.make_bita_generate(self.config, draft_tree, max_new_tokens, policy)  # noqa: E731
-            weights = (self.params, self.adapter)
+            weights = (self.params, self.adapter if draft_tree.mask_depth else None)
         else:
             key = ("ar", max_new_tokens, policy)
             make = lambda: loop.make_ar_generate(self.config, max_new_tokens, policy)  # noqa: E731
@@ -248,13 +259,14 @@ class Model:
             self._compiled[key] = runner.CompiledByShape(make())
         compiled = self._compiled[key]
         compile_before = compiled.compile_seconds
-        accepted = []
+        accepted, from_lookup = [], []
         finished = 0  # prompts decoded so far
 
         def batch_done(state, batch: list[runner.Generation]):
             nonlocal finished
-            if mode == "bita":
+            if mode != "ar":
                 accepted.append(np.asarray(state.extra.accepted_per_level)[: len(batch)])
+                from_lookup.append(np.asarray(state.extra.accepted_lookup)[: len(batch)])
             if on_batch is not None:
                 done = slice(finished, finished + len(batch))
                 on_batch(result_records(self.tokenizer, prompts[done], prompt_ids[done], batch, sampling))
@@ -280,6 +292,7 @@ class Model:
             compile_seconds=compiled.compile_seconds - compile_before,
             tree=draft_tree,
             accepted_per_level=np.concatenate(accepted) if accepted else None,
+            accepted_lookup=np.concatenate(from_lookup) if from_lookup else None,
             auto=plan.auto,
         )
 

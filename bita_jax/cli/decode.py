@@ -6,6 +6,8 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --compare     # --tree auto
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:3+lookup:4 --compare
+  python decode.py --model DIR --mode lookup --tree lookup:4 --compare     # prompt lookup, no adapter
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
 seconds; for bita `steps` counts tree steps; `run`: what made it) as each batch finishes, and prints
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tree",
         help="bita draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
-        "tree pays off), upper:K, chain, or JSON rank paths (default: auto)",
+        "tree pays off), upper:K, chain, or JSON rank paths, each optionally +lookup:n (a prompt-lookup "
+        "chain of n tokens beside the mask drafts); --mode lookup: lookup:n (default: auto; lookup:4)",
     )
     parser.add_argument(
         "--compare",
@@ -95,15 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def decoding_mode(args: argparse.Namespace) -> str:
-    """--mode, defaulting to bita when an --adapter is given; refuses BiTA options in AR mode."""
+    """--mode, defaulting to bita when an --adapter is given; refuses BiTA options in AR mode and
+    an adapter in lookup mode (prompt lookup needs none)."""
     mode = args.mode or ("bita" if args.adapter else "ar")
     if mode == "ar":
         given = [flag for flag, value in (("--adapter", args.adapter), ("--tree", args.tree)) if value]
         given += ["--compare"] if args.compare else []
         if given:
             raise UserError(f"{given[0]} is for --mode bita, but the mode is ar")
-    elif not args.adapter:
-        raise UserError("--mode bita needs --adapter DIR")
+    elif mode == "lookup" and args.adapter:
+        raise UserError("--mode lookup needs no --adapter (for lookup beside mask drafts: --mode bita "
+                        "--tree upper:3+lookup:4)")  # fmt: skip
+    elif mode == "bita" and not args.adapter:
+        raise UserError("--mode bita needs --adapter DIR (prompt lookup alone: --mode lookup)")
     return mode
 
 
@@ -248,18 +255,21 @@ def decode(
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
         run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
-        if run.mode == "bita":
-            tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
+        if run.mode != "ar":
+            shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
+            tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)
-            tqdm.write(acceptance_report(run.generations, run.accepted_per_level), file=out)
-        if args.compare and mode == "bita" and run.mode == "ar":
+            tqdm.write(
+                acceptance_report(run.generations, run.accepted_per_level, run.accepted_lookup), file=out
+            )
+        if args.compare and mode != "ar" and run.mode == "ar":
             # Auto decoded AR: the run was the AR loop itself; timing it twice would only measure noise.
             tqdm.write(
                 "compare: --tree auto decoded AR here (no tree pays off on this device), so its outputs "
                 "and speed are AR's: speedup 1.00x, identical outputs: yes",
                 file=out,
             )
-        elif args.compare and mode == "bita":  # each mode timed twice
+        elif args.compare and mode != "ar":  # each mode timed twice
             progress.reset(total=len(texts))
             progress.set_description("decode (ar, --compare)")
             timing = dict(first_index=len(done), **options)

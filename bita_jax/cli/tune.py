@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tree_label(p: Prediction) -> str:
-    return "AR" if p.tree is None else f"{p.tree.num_nodes} nodes, depth {p.tree.depth}"
+    if p.tree is None:
+        return "AR"
+    if p.tree.lookup:
+        return f"{p.tree.num_mask_nodes}+lookup:{p.tree.lookup}, depth {p.tree.depth}"
+    return f"{p.tree.num_nodes} nodes, depth {p.tree.depth}"
 
 
 def table(rows: list[dict], ar_seconds: float) -> str:
@@ -88,7 +92,7 @@ def measure_rows(
             )
         rows.append(
             {
-                "tree": tree_label(p), "paths": None if p.tree is None else [list(x) for x in p.tree.paths],
+                "tree": tree_label(p), "spec": None if p.tree is None else p.tree.spec,
                 "rows": p.rows, "tau_predicted": p.tau, "tau_measured": tau, "step_seconds": p.step_seconds,
                 "tokens_per_s_predicted": p.tokens_per_s, "tokens_per_s_measured": speed,
             }

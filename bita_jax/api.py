@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -21,17 +22,18 @@ from bita_jax.bita.adapter import Adapter, place_adapter
 from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
 from bita_jax.decoding import loop, runner
-from bita_jax.decoding.sampling import Sampler
-from bita_jax.errors import ConfigError
+from bita_jax.decoding.sampling import Sampler, ignored_options, used_options
+from bita_jax.errors import ConfigError, PromptError
 from bita_jax.io import adapter_files, hf
 from bita_jax.io.gguf import resolve_model
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
-from bita_jax.sharding import check_mesh_fits, make_mesh, mesh_rules, tree_shardings
+from bita_jax.sharding import check_mesh_fits, check_platform, make_mesh, mesh_rules, tree_shardings
 from bita_jax.tuning.auto import AUTO, AutoTree, resolve_auto_tree
 from bita_jax.tuning.choice import TreeStore, load_store
 
-MODES = ("ar", "bita")
+MODES = ("ar", "bita", "lookup")
+DEFAULT_LOOKUP_TREE = "lookup:4"
 
 
 @dataclasses.dataclass
@@ -39,7 +41,8 @@ class Run:
     """One `Model.run`: records and per-prompt generations in input order, and the run's totals.
 
     Attributes:
-      accepted_per_level: BiTA only, [prompts, Dt] steps in which draft level m was accepted.
+      accepted_per_level: tree steps only, [prompts, Dt] steps in which draft level m was accepted.
+      accepted_lookup: tree steps only, [prompts] drafts accepted through the lookup chain.
       auto: what `tree="auto"` resolved to (None for other trees and mode "ar"); when it chose AR,
         `mode` is "ar".
     """
@@ -52,6 +55,7 @@ class Run:
     compile_seconds: float
     tree: DraftTree | None = None
     accepted_per_level: np.ndarray | None = None
+    accepted_lookup: np.ndarray | None = None
     auto: AutoTree | None = None
 
 
@@ -61,9 +65,12 @@ class GenerateOptions:
 
     Attributes:
       max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
-      mode: "ar" or "bita"; default "bita" with an adapter, else "ar".
+      mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
+        prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
       tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype
-        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths.
+        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths, each
+        optionally with a prompt-lookup chain `+lookup:n`; or `lookup:n` alone. In mode "lookup"
+        "auto" means `lookup:4`.
       batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
       chat: wrap prompts in the tokenizer's chat template.
       temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature), after
@@ -88,7 +95,7 @@ class _Plan:
     """How `Model.run` decodes a validated request.
 
     Attributes:
-      mode: "ar" or "bita" (AR also when tree="auto" chose AR).
+      mode: "ar", "bita" or "lookup" (AR also when tree="auto" chose AR).
       tree: the draft tree, None for AR.
       auto: what tree="auto" resolved to; None when another tree or AR was asked for.
       prompt_ids: the encoded prompts; batch_size: after clamping to the prompts.
@@ -112,17 +119,25 @@ class Model:
     adapter: Adapter | None = None
     bita_config: BiTAConfig | None = None
     mesh: Mesh | None = None
-    tree_store: TreeStore | None = None  # the adapter's trees.json, for tree="auto"
+    adapter_dir: str | None = None  # its trees.json is read when tree="auto" first needs it
+    _tree_store: TreeStore | None = dataclasses.field(default=None, repr=False)
     _auto: dict[int, AutoTree] = dataclasses.field(default_factory=dict, repr=False)  # batch -> auto
     # Compiled generate functions by (mode, tree, max_new_tokens, sampler); each holds one
     # executable per input shape.
     _compiled: dict[Any, runner.CompiledByShape] = dataclasses.field(default_factory=dict, repr=False)
 
+    @property
+    def tree_store(self) -> TreeStore | None:
+        """The adapter's trees.json, read on first use (only tree="auto" needs it); None without."""
+        if self._tree_store is None and self.adapter_dir is not None:
+            self._tree_store = load_store(self.adapter_dir)
+        return self._tree_store
+
     def encode(self, prompts: list[str], chat: bool = False) -> list[list[int]]:
         """Token ids per prompt (`chat` wraps each prompt in the tokenizer's chat template)."""
         return hf.encode_prompts(self.tokenizer, prompts, chat)
 
-    def generate(self, prompts: list[str], **options) -> list[dict[str, Any]]:
+    def generate(self, prompts: Sequence[str], **options) -> list[dict[str, Any]]:
         """Decodes prompts; returns one record per prompt, in input order (`GenerateOptions`)."""
         return self.run(prompts, **options).records
 
@@ -130,10 +145,10 @@ class Model:
         """Ways the batch is split over the mesh (data * fsdp); 1 without a mesh."""
         return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
-    def check(self, prompts: list[str], **options) -> None:
+    def check(self, prompts: Sequence[str], **options) -> _Plan:
         """Raises ConfigError for options (`GenerateOptions` fields) or prompts that `run` would
-        refuse, before any compile."""
-        self._plan(prompts, GenerateOptions(**options))
+        refuse, before any compile (PromptError names the prompt); returns how `run` would decode."""
+        return self._plan(prompts, GenerateOptions(**options))
 
     def _plan(self, prompts: list[str], options: GenerateOptions) -> _Plan:
         """Validates a request and decides how to decode it.
@@ -141,6 +156,7 @@ class Model:
         A batch larger than the prompts would only decode copies of the last prompt: it is clamped
         to the prompts (rounded up to the mesh's data*fsdp).
         """
+        check_prompts(prompts)
         sampler = Sampler(options.temperature, options.top_k, options.top_p)
         seed, batch_size = options.seed, options.batch_size
         if not isinstance(seed, int) or not 0 <= seed < 2**31:
@@ -153,15 +169,21 @@ class Model:
         ways = self._data_ways()
         if batch_size % ways:
             raise ConfigError(f"batch size {batch_size} must be a multiple of data*fsdp = {ways}")
-        batch_size = min(batch_size, ways * -(-len(prompts) // ways))
+        batch_size = min(batch_size, ways * -(-max(len(prompts), 1) // ways))
         draft_tree = auto = None
+        if mode == "lookup":
+            spec = DEFAULT_LOOKUP_TREE if options.tree == AUTO else options.tree
+            draft_tree = parse_tree(spec, 0)
+            if draft_tree.mask_depth:
+                raise ConfigError(f"mode lookup takes a tree lookup:n, got {options.tree!r}")
         if mode == "bita":
             if self.adapter is None:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
             if options.tree == AUTO:
-                auto = self.auto_tree(batch_size)
-                draft_tree = auto.tree
-                mode = "bita" if draft_tree is not None else "ar"
+                if prompts:  # no prompts: no batch size to resolve a tree for
+                    auto = self.auto_tree(batch_size)
+                    draft_tree = auto.tree
+                    mode = "bita" if draft_tree is not None else "ar"
             else:
                 draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
                 draft_tree.check_vocab(self.config.vocab_size)
@@ -207,6 +229,15 @@ class Model:
         """
         options = GenerateOptions(**options)
         plan = self._plan(prompts, options)
+        sampling = used_options(options.temperature, options.top_k, options.top_p, options.seed)
+        ignored = ignored_options(
+            options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed
+        )
+        if ignored:  # as transformers' generate does with do_sample=False
+            message = f"{', '.join(ignored)} ignored: temperature 0 decodes greedily (records omit them)"
+            warnings.warn(message, stacklevel=2)
+        if not prompts:
+            return Run(plan.mode, plan.sampler, [], [], 0.0, 0.0, plan.tree)
         mode, draft_tree, policy, prompt_ids, batch_size = (
             plan.mode,
             plan.tree,
@@ -216,10 +247,10 @@ class Model:
         )
         max_new_tokens = options.max_new_tokens
 
-        if mode == "bita":
-            key = ("bita", draft_tree, max_new_tokens, policy)
+        if mode != "ar":  # the tree step; a lookup-only tree needs no adapter
+            key = ("tree", draft_tree, max_new_tokens, policy)
             make = lambda: loop.make_bita_generate(self.config, draft_tree, max_new_tokens, policy)  # noqa: E731
-            weights = (self.params, self.adapter)
+            weights = (self.params, self.adapter if draft_tree.mask_depth else None)
         else:
             key = ("ar", max_new_tokens, policy)
             make = lambda: loop.make_ar_generate(self.config, max_new_tokens, policy)  # noqa: E731
@@ -228,14 +259,14 @@ class Model:
             self._compiled[key] = runner.CompiledByShape(make())
         compiled = self._compiled[key]
         compile_before = compiled.compile_seconds
-        sampling = {k: getattr(options, k) for k in ("temperature", "top_k", "top_p", "seed")}
-        accepted = []
+        accepted, from_lookup = [], []
         finished = 0  # prompts decoded so far
 
         def batch_done(state, batch: list[runner.Generation]):
             nonlocal finished
-            if mode == "bita":
+            if mode != "ar":
                 accepted.append(np.asarray(state.extra.accepted_per_level)[: len(batch)])
+                from_lookup.append(np.asarray(state.extra.accepted_lookup)[: len(batch)])
             if on_batch is not None:
                 done = slice(finished, finished + len(batch))
                 on_batch(result_records(self.tokenizer, prompts[done], prompt_ids[done], batch, sampling))
@@ -261,6 +292,7 @@ class Model:
             compile_seconds=compiled.compile_seconds - compile_before,
             tree=draft_tree,
             accepted_per_level=np.concatenate(accepted) if accepted else None,
+            accepted_lookup=np.concatenate(from_lookup) if from_lookup else None,
             auto=plan.auto,
         )
 
@@ -272,7 +304,8 @@ def result_records(
     generations: list[runner.Generation],
     sampling: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One output record per prompt, in input order, with the sampling options that made it."""
+    """One output record per prompt, in input order, with the sampling options that made it
+    (`sampling.used_options`: temperature alone when greedy)."""
     return [
         {
             "prompt": text,
@@ -286,6 +319,28 @@ def result_records(
         }
         for text, ids, gen in zip(texts, prompt_ids, generations, strict=True)
     ]
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Refuses, before any work, what no decode can make sense of: a bare string (which would be one
+    prompt per character), and prompts that are not text, blank, or not encodable Unicode.
+
+    Raises:
+      ConfigError: `prompts` is a string or not a sequence. PromptError: naming the first bad prompt.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ConfigError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [text]")
+    for index, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise PromptError(index, f"is not a string but {type(text).__name__}")
+        if not text.strip():
+            raise PromptError(index, "is empty" if not text else "is only whitespace")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, as from "\\ud800" in JSON
+            raise PromptError(
+                index, f"holds invalid Unicode (lone surrogate {text[e.start]!a} at character {e.start})"
+            ) from None
 
 
 def load(
@@ -314,6 +369,7 @@ def load(
     """
     model_dir = resolve_model(model_dir)
     config = hf.load_config(model_dir, **decoding_dtypes(dtype, precision), scan_layers=scan_layers)
+    check_platform()
     tokenizer = hf.load_tokenizer(model_dir)
     if isinstance(mesh, str):
         mesh = make_mesh(MeshConfig.parse(mesh))
@@ -321,10 +377,9 @@ def load(
         check_mesh_fits(config, mesh)
     shardings = None if mesh is None else tree_shardings(abstract_params(config), mesh)
     params = hf.load_params(model_dir, config, shardings)
-    bita_config = arrays = tree_store = None
+    bita_config = arrays = None
     if adapter is not None:
         bita_config, loaded = adapter_files.load_adapter(adapter, config)
         adapter_files.warn_if_other_base(adapter, model_dir)
         arrays = place_adapter(loaded, mesh)
-        tree_store = load_store(adapter)
-    return Model(config, params, tokenizer, arrays, bita_config, mesh, tree_store)
+    return Model(config, params, tokenizer, arrays, bita_config, mesh, adapter)

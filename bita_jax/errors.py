@@ -13,3 +13,13 @@ class UserError(ConfigError):
 
 class Interrupted(KeyboardInterrupt):
     """A run stopped by SIGINT/SIGTERM after saving its work; the message says where it is."""
+
+
+class PromptError(ConfigError):
+    """A prompt that cannot be decoded; `index` is its position in the list given, `reason` what is
+    wrong, so a CLI can name the prompt by its own terms (a file's line)."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"prompts[{index}] {reason}")
+        self.index = index
+        self.reason = reason

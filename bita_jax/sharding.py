@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
@@ -79,6 +80,29 @@ def check_rules(rules: Rules) -> None:
                     raise ConfigError(f"sharding rules map two axes of {group} to mesh axis {t!r}")
                 if t is not None:
                     used.append(t)
+
+
+def check_platform() -> None:
+    """Refuses in one line a JAX_PLATFORMS that JAX cannot start here, naming the platforms this
+    JAX installation has (JAX's own error for an absent GPU can be a bare AssertionError)."""
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as e:
+        from jax._src import xla_bridge
+
+        asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "(default)"
+        available = []
+        for name, registration in sorted(getattr(xla_bridge, "_backend_factories", {}).items()):
+            try:  # only on this error path: start each platform this JAX knows, to list those that run
+                registration.factory()
+                available.append(name)
+            except Exception:  # noqa: BLE001 - a platform that fails to start in any way is absent
+                continue
+        reason = str(e).split(":")[0] if str(e) else "no such device"
+        raise ConfigError(
+            f"JAX_PLATFORMS={asked}: JAX cannot start it here ({reason}); available here: "
+            f"{', '.join(available) or 'none'} (unset JAX_PLATFORMS to use them)"
+        ) from None
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -385,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     stdlib = sysconfig.get_paths()["stdlib"]
     train, held = split_corpus(collect_corpus(stdlib))
     recipe = {
-        "python": sys.version.split()[0],
-        "stdlib": stdlib,
+        "python": sys.version.split()[0],  # whose stdlib it is (its path would name this machine)
         "held_out_modules": sorted(held),
         "training_modules": len(train),
         "args": {k: v for k, v in vars(args).items() if k not in ("work", "out", "force")},

@@ -23,7 +23,8 @@ def test_round_trip_and_identity(tiny_checkpoint, tmp_path):
     for name, value in params.items():
         np.testing.assert_array_equal(loaded[name], np.asarray(value))
     meta = json.load(open(os.path.join(out, adapter_files.CONFIG_FILE)))
-    assert meta["base_model"]["path"] == os.path.abspath(tiny_checkpoint)
+    # No path of the machine it was trained on: the adapter may be shipped (as the demo's is).
+    assert "path" not in meta["base_model"] and tiny_checkpoint not in json.dumps(meta)
     assert len(meta["base_model"]["config_sha256"]) == 64
 
 

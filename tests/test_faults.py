@@ -282,16 +282,16 @@ def test_existing_output_is_never_replaced(tiny_checkpoint, tmp_path, capsys):
 
 def test_resume_keeps_finished_records_and_drops_a_torn_line(tmp_path):
     out = tmp_path / "out.jsonl"
-    done = [{"prompt": "a", "completion": "1"}, {"prompt": "b", "completion": "2"}]
-    out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"prompt": "c", "compl')
-    records, offset = files.finished_records(str(out), ["a", "b", "c"], resume=True)
-    assert records == done
-    writer = files.RecordWriter(str(out), offset)
-    writer.write([{"prompt": "c", "completion": "3"}])
-    writer.close()
-    assert [json.loads(line)["completion"] for line in open(out)] == ["1", "2", "3"]
+    run = {"model": "m", "max_new_tokens": 2}
+    done = [{"prompt": p, "output_ids": [i], "run": run} for i, p in enumerate("ab")]
+    out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"prompt": "c", "outp')
+    with files.ResultsFile(str(out), ["a", "b", "c"], resume=True) as results:
+        assert results.records == done
+        results.check(run)
+        results.write([{"prompt": "c", "output_ids": [2]}], run)
+    assert [json.loads(line)["output_ids"] for line in open(out)] == [[0], [1], [2]]
     with pytest.raises(files.UserError, match="line 1 is not the record of prompt 1"):
-        files.finished_records(str(out), ["other", "b", "c"], resume=True)
+        files.ResultsFile(str(out), ["other", "b", "c"], resume=True).__enter__()
 
 
 def test_full_disk_during_output_write_keeps_earlier_batches(tiny_checkpoint, tmp_path, capsys, monkeypatch):
@@ -313,7 +313,8 @@ def test_full_disk_during_output_write_keeps_earlier_batches(tiny_checkpoint, tm
 
 
 def test_kill_9_after_first_batch_then_resume(tiny_checkpoint, tmp_path, capsys):
-    """A decode killed with SIGKILL keeps every finished record; --resume decodes only the rest."""
+    """A second run on a busy output is refused; a decode killed with SIGKILL keeps every finished
+    record; --resume decodes only the rest."""
     prompts = tmp_path / "p.jsonl"
     texts = [f"def f{i}(x):" for i in range(300)]
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
@@ -336,6 +337,13 @@ def test_kill_9_after_first_batch_then_resume(tiny_checkpoint, tmp_path, capsys)
         proc.poll() is None and time.time() < deadline and not (out.exists() and out.read_text().count("\n"))
     ):
         time.sleep(0.02)
+    # A second run on the same output while the first writes: one line naming the first, nothing
+    # written by it (the first run's records only grow).
+    before = out.read_text()
+    line = one_error_line(capsys, decode.main, argv)
+    assert proc.poll() is None, "the first run must still be writing"
+    assert f"--output {out} is in use by another run (pid {proc.pid}: " in line and "decode.py" in line
+    assert out.read_text().startswith(before)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = out.read_text()
@@ -377,6 +385,8 @@ def test_training_data_not_utf8(tiny_checkpoint, tmp_path, capsys):
     data.write_bytes('{"prompt": "caf\xe9", "completion": "x"}\n'.encode("latin-1"))
     argv = ["--model", tiny_checkpoint, "--data", str(data), "--output", str(tmp_path / "run"), *TRAIN_FLAGS]
     assert "not UTF-8" in one_error_line(capsys, train.main, argv)
+    data.write_text('{"prompt": "ok", "completion": "x"}\n{"prompt": "caf\\udce9", "completion": "x"}\n')
+    assert f"{data} line 2: 'prompt' holds invalid Unicode" in one_error_line(capsys, train.main, argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,3 +494,250 @@ def test_nan_loss_stops_before_a_checkpoint(tiny_checkpoint, ids_data, tmp_path,
     argv += ["--steps", "4", "--save-every", "1", "--set", "optimizer.learning_rate=3e38"]
     step = int(re.search(r"loss is nan at step (\d+)", one_error_line(capsys, train.main, argv)).group(1))
     assert orbax_checkpoint.manager(str(out / "checkpoints"), 2).latest_step() == (step - 1 or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per output
+
+
+def test_busy_output_refused_before_loading(tmp_path, capsys):
+    """The output is locked by another open file (as by another run): one line naming this
+    process as its holder; the model path does not even exist, so nothing was loaded."""
+    from bita_jax.io import lock
+
+    out = tmp_path / "out.jsonl"
+    with lock.exclusive(str(out), "test"):
+        argv = ["--model", str(tmp_path / "no-model"), "--prompt", "x", "--output", str(out)]
+        line = one_error_line(capsys, decode.main, argv)
+    assert f"--output {out} is in use by another run (pid {os.getpid()}: " in line
+    assert out.read_text() == ""
+
+
+def test_busy_run_directory_refused(tmp_path, capsys):
+    """train.py and the tuner hold their run directory (the tuner: the adapter it writes
+    trees.json into) for the whole run; a second run is refused before loading."""
+    from bita_jax.cli import tune
+    from bita_jax.io import lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with lock.exclusive(str(run), "test", directory=True):
+        argv = ["--model", str(tmp_path / "no-model"), "--data", "d.jsonl", "--output", str(run)]
+        assert f"--output {run} is in use by another run (pid {os.getpid()}" in one_error_line(
+            capsys, train.main, argv
+        )
+        argv = ["--model", str(tmp_path / "no-model"), "--adapter", str(run), "--data", "d.jsonl"]
+        argv += ["--output-dir", str(tmp_path / "tune")]
+        assert f"--adapter {run} is in use by another run" in one_error_line(capsys, tune.main, argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume checks what it resumes
+
+
+@pytest.fixture(scope="module")
+def partial_output(tiny_checkpoint, tmp_path_factory):
+    """(prompts file, output holding the records of its first 2 of 3 prompts, the decode argv)."""
+    root = tmp_path_factory.mktemp("resume")
+    prompts, out = root / "p.jsonl", root / "out.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "import os", "x = 1"]))
+    argv = ["--model", tiny_checkpoint, "--max-new-tokens", "3", "--batch-size", "2"]
+    two = root / "two.jsonl"
+    two.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
+    assert run_main(decode.main, [*argv, "--prompts", str(two), "--output", str(out)]) == 0
+    return str(prompts), str(out), [*argv, "--prompts", str(prompts)]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--max-new-tokens", "4"], "--max-new-tokens 3, not 4"),
+        (["--temperature", "0.7"], "--temperature 0.0, not 0.7"),
+        (["--chat"], "--chat false, not true"),
+        (["--dtype", "bfloat16"], "--dtype float32, not bfloat16"),
+        (["--adapter", "ADAPTER"], "--adapter (fingerprint) none, not "),
+        (["--model", "OTHER"], "--model (weights fingerprint) "),
+    ],
+)
+def test_resume_refuses_records_of_another_run(
+    partial_output, tiny_checkpoints, adapter_dir, tmp_path, capsys, change, expected
+):
+    _, made, argv = partial_output
+    out = tmp_path / "out.jsonl"
+    shutil.copy(made, out)
+    change = [{"ADAPTER": adapter_dir, "OTHER": tiny_checkpoints["plain_mha"]}.get(c, c) for c in change]
+    line = one_error_line(capsys, decode.main, [*argv, *change, "--output", str(out), "--resume"])
+    assert line.startswith(f"error: --resume: {out} line 1 was made with {expected}"), line
+    assert out.read_text() == open(made).read()
+
+
+def test_resume_with_the_same_run_appends(partial_output, tmp_path, capsys):
+    _, made, argv = partial_output
+    out = tmp_path / "out.jsonl"
+    shutil.copy(made, out)
+    assert run_main(decode.main, [*argv, "--output", str(out), "--resume"]) == 0
+    assert "resuming: 2 of 3" in capsys.readouterr().err
+    records = [json.loads(line) for line in open(out)]
+    assert [r["prompt"] for r in records] == ["def f(x):", "import os", "x = 1"]
+    assert len({json.dumps(r["run"], sort_keys=True) for r in records}) == 1
+
+
+def test_resume_refuses_lines_that_are_not_results(partial_output, tmp_path, capsys):
+    """The prompts file as its own --output is refused; prompt-only lines are not finished records
+    (a --resume that counted them would decode nothing and exit 0)."""
+    prompts, _, argv = partial_output
+    line = one_error_line(capsys, decode.main, [*argv, "--output", prompts, "--resume"])
+    assert "is the --prompts file" in line
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(prompts, copy)
+    line = one_error_line(capsys, decode.main, [*argv, "--output", str(copy), "--resume"])
+    assert "line 1 is not a finished decode.py record (no output_ids" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Options mean what they say
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--top-p", "0.9"], "--top-p is for sampling, but --temperature is 0"),
+        (["--top-k", "5"], "--top-k is for sampling"),
+        (["--seed", "3"], "--seed is for sampling"),
+        (["--temperature", "inf"], "--temperature must be a finite number, got inf"),
+        (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        (["--temperature", "1", "--top-p", "nan"], "--top-p must be a finite number"),
+        (["--prompt", "PROMPTS"], "names a file: to decode its prompts, use --prompts"),
+        (["--prompt", "a", ""], "--prompt 2 is empty"),
+        (["--prompt", "   "], "--prompt 1 is only whitespace"),
+    ],
+)
+def test_options_that_would_mean_nothing(tmp_path, capsys, flags, expected):
+    """Refused before the model is loaded (its path does not exist)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    flags = [str(prompts) if f == "PROMPTS" else f for f in flags]
+    argv = ["--model", str(tmp_path / "no-model"), *(["--prompt", "x"] if "--prompt" not in flags else [])]
+    line = one_error_line(capsys, decode.main, [*argv, *flags])
+    assert expected in line, line
+
+
+def test_empty_prompt_refused_on_every_model(tiny_checkpoint, tmp_path, capsys):
+    """The tiny model's tokenizer adds BOS (an empty prompt would still be one token): refused as
+    text, so no model's tokenizer decides."""
+    import bita_jax
+    from bita_jax.errors import PromptError
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n\n{"prompt": ""}\n')
+    line = one_error_line(capsys, decode.main, ["--model", tiny_checkpoint, "--prompts", str(prompts)])
+    assert f"{prompts} line 3: the prompt is empty" in line
+    with pytest.raises(PromptError, match=r"prompts\[1\] is empty"):
+        bita_jax.load(tiny_checkpoint).generate(["a", ""], max_new_tokens=2)
+
+
+def test_output_dash_is_stdout(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", tiny_checkpoint, "--prompt", "a", "--max-new-tokens", "2", "--output", "-"]
+    assert run_main(decode.main, argv) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["prompt"] == "a"
+    assert not os.path.exists(tmp_path / "-")
+
+
+def test_api_inputs(tiny_checkpoint):
+    """A bare string is refused (not one prompt per character); [] gives []; a lone surrogate is
+    named by its index; greedy records do not claim unused sampling options."""
+    import bita_jax
+    from bita_jax.errors import ConfigError, PromptError
+
+    model = bita_jax.load(tiny_checkpoint)
+    with pytest.raises(ConfigError, match="prompts must be a list of strings, got str"):
+        model.generate("def f(x):", max_new_tokens=2)
+    assert model.generate([], max_new_tokens=2) == []
+    with pytest.raises(PromptError, match=r"prompts\[1\] holds invalid Unicode"):
+        model.generate(["a", "b\ud800"], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):
+        model.generate(["a"], max_new_tokens=2, temperature=float("inf"))
+    with pytest.warns(UserWarning, match="top_p, seed ignored: temperature 0"):
+        (record,) = model.generate(["a"], max_new_tokens=2, top_p=0.5, seed=3)
+    assert record["temperature"] == 0.0 and not {"top_k", "top_p", "seed"} & set(record)
+
+
+# ---------------------------------------------------------------------------------------------
+# No tracebacks, and messages that name the culprit
+
+
+def test_lone_surrogate_in_prompts_file(tmp_path, capsys):
+    """Valid JSON ("\\ud800"), invalid Unicode: refused, with its line, before anything is decoded
+    (so no valid prompt is lost: none was started)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800"}\n')
+    argv = ["--model", str(tmp_path / "no-model"), "--prompts", str(prompts)]
+    line = one_error_line(capsys, decode.main, argv)
+    assert f"{prompts} line 2: the prompt holds invalid Unicode (lone surrogate" in line
+
+
+def test_too_long_prompt_named_by_its_line(tiny_checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n' + json.dumps({"prompt": "x " * 2000}) + "\n")
+    line = one_error_line(capsys, decode.main, ["--model", tiny_checkpoint, "--prompts", str(prompts)])
+    assert f"prompt 2 ({prompts} line 2) has " in line and "exceeds the model's" in line
+
+
+def test_unavailable_platform():
+    """JAX_PLATFORMS naming a platform this machine lacks: one line naming it and those available."""
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cuda"}
+    argv = [sys.executable, "decode.py", "--model", "bita_jax/demo/model", "--prompt", "x"]
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: JAX_PLATFORMS=cuda: JAX cannot start it here")
+    assert "available here: cpu" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_missing_tokenizer_file_named(tiny_checkpoint, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    os.remove(model / "tokenizer.json")
+    line = one_error_line(capsys, decode.main, ["--model", str(model), "--prompt", "x"])
+    assert "tokenizer.json is missing" in line
+
+
+def test_max_length_named_when_it_cut_the_data(tiny_checkpoint, ids_data, tmp_path, capsys):
+    argv = ["--model", tiny_checkpoint, "--data", ids_data, "--output", str(tmp_path / "run"), *TRAIN_FLAGS]
+    line = one_error_line(capsys, train.main, [*argv, "--set", "data.max_length=8"])
+    assert "once data.max_length=8 cut prompt + response (8 of 8 examples reach it" in line
+
+
+def test_trees_json_read_only_for_tree_auto(tiny_checkpoint, adapter_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    (adapter / "trees.json").write_text("{oops")
+    argv = ["--model", tiny_checkpoint, "--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "2"]
+    assert run_main(decode.main, [*argv, "--tree", "upper:2"]) == 0
+    capsys.readouterr()
+    assert "trees.json" in one_error_line(capsys, decode.main, argv)  # --tree auto reads it
+
+
+def string_values(value):
+    """Every string value (not key) inside parsed JSON."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from string_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from string_values(v)
+
+
+def test_no_build_paths_shipped():
+    """The packaged demo names no directory of the machine it was built on: no JSON value is an
+    absolute path of two or more components (a lone "/" is a vocabulary entry of the tokenizer)."""
+    demo = os.path.join(ROOT, "bita_jax", "demo")
+    absolute = re.compile(r"^(/[^/\s]+){2,}/?$|^[A-Za-z]:\\")
+    for directory, _, names in os.walk(demo):
+        for name in names:
+            if name.endswith(".json"):
+                with open(os.path.join(directory, name), encoding="utf-8") as f:
+                    found = [v for v in string_values(json.load(f)) if absolute.search(v)]
+                assert not found, (name, found[:3])

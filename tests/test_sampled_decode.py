@@ -76,7 +76,7 @@ def test_oracle_drafts_equal_sampled_ar(peaked, eos_at, max_new):
     ar = loop.make_ar_generate(config, max_new, sampler)(params, tokens, lens, streams)
     tree = parse_tree("upper:4", 3)
     model = LlamaModel(config)
-    extra = loop.BiTACarry.initial(tree, len(PROMPTS), config.vocab_size)
+    extra = loop.BiTACarry.initial(tree, jnp.asarray(tokens), jnp.asarray(lens), config.vocab_size)
     init = jax.jit(lambda p, t, n, s: loop.initial_state(model, p, t, n, s, max_new, tree.step_rows, extra))
     step = jax.jit(functools.partial(loop.bita_loop_step, model, tree, sampler), static_argnums=(2,))
     state = init(params, tokens, lens, streams)
@@ -108,7 +108,7 @@ def first_tokens_bita(config, params, prompt, sampler, seeds, greedy_after):
     rows = len(seeds)
     tokens, lens, _ = runner.pad_batch([prompt] * rows, 0, rows, config.pad_id)
     streams = np.stack([np.asarray(seeds, np.int32), np.zeros(rows, np.int32)], axis=-1)
-    extra = loop.BiTACarry.initial(tree, rows, config.vocab_size)
+    extra = loop.BiTACarry.initial(tree, jnp.asarray(tokens), jnp.asarray(lens), config.vocab_size)
     state = jax.jit(lambda p, t, n, s: loop.initial_state(model, p, t, n, s, 3, tree.step_rows, extra))(
         params, tokens, lens, streams
     )

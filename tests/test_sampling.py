@@ -185,7 +185,7 @@ def test_draw_depends_only_on_seed_stream_position_and_logits():
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
+        (dict(temperature=-0.1), "temperature must be a finite number >= 0, got -0.1"),
         (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
         (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
         (dict(top_k=-1), "top_k must be >= 0, got -1"),

@@ -213,7 +213,7 @@ def test_oracle_drafts_equal_ar(model, eos_at, max_new):
     if eos_at is not None:
         assert int(ar.num_generated[0]) <= eos_at + 1 < max_new
 
-    extra = decoding.BiTACarry.initial(tree, len(PROMPTS), config.vocab_size)
+    extra = decoding.BiTACarry.initial(tree, jnp.asarray(tokens), jnp.asarray(lens), config.vocab_size)
     init = jax.jit(
         lambda p, t, lens, s: decoding.initial_state(model_, p, t, lens, s, max_new, tree.step_rows, extra)
     )

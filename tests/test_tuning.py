@@ -13,7 +13,7 @@ import pytest
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita.tree import DraftTree
 from bita_jax.config import BiTAConfig
-from bita_jax.errors import UserError
+from bita_jax.errors import ConfigError, UserError
 from bita_jax.io import hf
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import data
@@ -278,10 +278,41 @@ def test_teacher_forced_ranks_match_direct_forwards(tiny):
 def test_step_cost_ladder_runs_the_decode_steps(tiny):
     config, params, adapter = tiny
     trees = step_cost.ladder_trees(num_masks=3, max_rows=25)
-    assert [t.num_rows for t in trees] == [4, 9, 20]
+    assert [t.num_rows for t in trees] == [2, 4, 9, 20]
     assert all(t.depth <= 3 for t in trees)
     (measured,) = step_cost.measure_step_costs(
-        config, params, adapter, [2], trees[:2], prompt_len=8, max_new_tokens=8, repeats=1
+        config, params, adapter, [2], trees[:3], prompt_len=8, max_new_tokens=8, repeats=1
     )
-    assert measured.batch_size == 2 and measured.tree_rows == (4, 9)
+    assert measured.batch_size == 2 and measured.tree_rows == (2, 4, 9)
     assert measured.ar_seconds > 0 and all(s > 0 for s in measured.tree_seconds)
+
+
+# ---- lookup candidates ---------------------------------------------------------------------
+
+
+def test_hybrid_replay_by_hand():
+    # Mask chain accepts [2, 0, 1, 1, 0, 0]; lookup runs [0, 3, 0, 4, 1, 0].
+    ranks = np.array([[0, 0], [5, 5], [0, 1], [0, 1], [2, 2], [1, -1]])
+    runs = np.array([0, 3, 0, 4, 1, 0])
+    stats = AcceptanceStats.from_ranks([ranks], max_rank=3, lookup_runs=[runs])
+    chain = DraftTree.from_paths([(0,), (0, 0)])
+    np.testing.assert_array_equal(stats.accepted_drafts(chain.with_lookup(2)), [2, 2, 1, 2, 1, 0])
+    np.testing.assert_array_equal(stats.accepted_drafts(DraftTree((), 4)), runs)
+    # s=0 accepts 2 -> s=3 accepts 2 -> s=6 = A: 1 + 2 steps.
+    np.testing.assert_array_equal(stats.replayed_steps(chain.with_lookup(2)), [3])
+    assert stats.expected_tokens(chain.with_lookup(2)) == pytest.approx(1 + 8 / 6)
+    loaded = AcceptanceStats.from_json(json.loads(json.dumps(stats.to_json())))
+    np.testing.assert_array_equal(loaded.lookup_runs[0], runs)
+    candidates = {tree for tree, _ in stats.best_trees(60)}
+    assert DraftTree((), 4) in candidates and any(t.paths and t.lookup == 4 for t in candidates)
+    with pytest.raises(ConfigError):  # statistics without lookup runs cannot score a lookup chain
+        AcceptanceStats.from_ranks([ranks], max_rank=3).accepted_drafts(DraftTree((), 2))
+
+
+def test_lookup_runs_count_the_matching_proposals():
+    # source 5 6 7 8, target 5 6 7 9 5 6: at s = 0 (history ... 8 5) the lookup proposes 6 7 8 5 ...
+    example = data.Example((5, 6, 7, 8), (5, 6, 7, 9, 5, 6))
+    (runs,) = calibrate.lookup_runs([example], vocab_size=16, num_tokens=4)
+    # s=0: "8 5" unseen, "5" at 0 -> 6 7 8 5 vs 6 7 9 5 -> 2; s=1: "5 6" at 0 -> 7 8 .. vs 7 9 -> 1;
+    # s=2: "5 6 7" at 0 -> 8 vs 9 -> 0; s=3: "9" unseen -> 0; s=4: "9 5" no, "5" at 4 -> 6 ... vs 6 -> 1.
+    np.testing.assert_array_equal(runs, [2, 1, 0, 0, 1])

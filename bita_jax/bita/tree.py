@@ -1,14 +1,23 @@
 """Static draft-tree topology and the fixed row layout of one tree-decoding step, as numpy constants.
 
-A tree is a set of paths, each a tuple of ranks (c_0, ..., c_m): the node at level m holds the
-c_m-th most likely token of mask m of the drafting group, and its parent is (c_0, ..., c_{m-1})
-(the root, i.e. the pending token, for level 0). Every prefix of a path must itself be a path.
+A tree has mask nodes and, optionally, a lookup chain. A mask node is a path of ranks
+(c_0, ..., c_m): it holds the c_m-th most likely token of mask m of the drafting group, and its
+parent is (c_0, ..., c_{m-1}) (the root, i.e. the pending token, for level 0). Every prefix of a
+path must itself be a path. The lookup chain (`lookup` = n nodes) holds the n tokens that
+prompt lookup (decoding/lookup.py) proposes after the pending token: lookup node j sits at level
+j, its parent is lookup node j - 1 (the root for j = 0). Mask nodes come first, then the chain.
 
-One step feeds T = 1 + N + Dt * (N + 1) rows (Dt = tree depth):
+One step feeds T = 1 + N + Dm * (N + 1) rows (N nodes of both kinds, Dm = depth of the mask nodes):
   row 0             the root (the pending token),
-  rows 1 .. N       the N candidate nodes (level by level, then by path),
-  then N + 1 groups of Dt mask tokens: group 0 drafts after the root, group 1 + n after node n.
-Groups only need Dt masks: mask k of a group sees masks 0..k, so later masks change nothing.
+  rows 1 .. N       the N candidate nodes (mask nodes level by level, then by path; then lookup),
+  then N + 1 groups of Dm mask tokens: group 0 drafts after the root, group 1 + n after node n.
+Groups only need Dm masks: mask k of a group sees masks 0..k, so later masks change nothing.
+Lookup nodes carry mask groups like mask nodes: a step that stops deep in the lookup chain then
+drafts the next step's mask nodes from its own group, which has seen the accepted chain, so the
+learned drafts never skip a step (the alternative, no groups there, saves N_lookup * Dm rows but
+leaves the step after every lookup stop to lookup alone, and the tuner's replay, tuning/stats.py,
+could no longer treat steps independently). A lookup-only tree (no mask nodes) has no groups:
+it needs no adapter.
 A step ends in one of N + 1 "stops": the root (stop 0, no draft accepted) or node n (stop 1 + n,
 the deepest accepted node). The stop indexes its verify row, its commit rows and its drafting
 group alike, so this module owns every row index a step needs.
@@ -41,13 +50,17 @@ class DraftTree:
     """A static draft tree (hashable, so it can be closed over by jitted steps).
 
     Attributes:
-      paths: the nodes as rank tuples, sorted level by level, then lexicographically.
+      paths: the mask nodes as rank tuples, sorted level by level, then lexicographically.
+      lookup: n, the length of the lookup chain (0: none).
     """
 
     paths: tuple[tuple[int, ...], ...]
+    lookup: int = 0
 
     def __post_init__(self):
-        if not self.paths:
+        if not _is_rank(self.lookup):
+            raise ConfigError(f"lookup chain length must be an integer >= 0, got {self.lookup!r}")
+        if not self.paths and not self.lookup:
             raise ConfigError("a draft tree needs at least one node")
         known = set(self.paths)
         if len(known) != len(self.paths):
@@ -66,15 +79,15 @@ class DraftTree:
             )
 
     @classmethod
-    def from_paths(cls, paths) -> "DraftTree":
-        """Builds a tree from any iterable of rank sequences, in any order."""
+    def from_paths(cls, paths, lookup: int = 0) -> "DraftTree":
+        """Builds a tree from any iterable of rank sequences, in any order (plus a lookup chain)."""
         tuples = []
         for p in paths:
             ranks = tuple(p) if hasattr(p, "__iter__") and not isinstance(p, str) else ()
             if not ranks or not all(_is_rank(c) for c in ranks):
                 raise ConfigError(f"draft tree path {p!r} must be a non-empty list of integer ranks >= 0")
             tuples.append(tuple(int(c) for c in ranks))
-        return cls(tuple(sorted(tuples, key=lambda p: (len(p), p))))
+        return cls(tuple(sorted(tuples, key=lambda p: (len(p), p))), lookup)
 
     @classmethod
     def upper_triangle(cls, width: int, levels: int) -> "DraftTree":
@@ -84,27 +97,41 @@ class DraftTree:
         paths = [(0,) * m + (c,) for m in range(min(width, levels)) for c in range(width - m)]
         return cls.from_paths(paths)
 
+    def with_lookup(self, lookup: int) -> "DraftTree":
+        """The same mask nodes with a lookup chain of `lookup` nodes."""
+        return DraftTree(self.paths, lookup)
+
     # ---- sizes -------------------------------------------------------------------------------
 
     @property
-    def num_nodes(self) -> int:
-        """N."""
+    def num_mask_nodes(self) -> int:
+        """N_m, the mask nodes (node indices 0 .. N_m - 1; the lookup chain follows)."""
         return len(self.paths)
+
+    @property
+    def num_nodes(self) -> int:
+        """N, mask and lookup nodes."""
+        return len(self.paths) + self.lookup
+
+    @property
+    def mask_depth(self) -> int:
+        """Dm: levels of the mask nodes, the masks per group (0 for a lookup-only tree)."""
+        return max((len(p) for p in self.paths), default=0)
 
     @property
     def depth(self) -> int:
         """Dt: levels of the tree, the most drafts one step can accept."""
-        return max(len(p) for p in self.paths)
+        return max(self.mask_depth, self.lookup)
 
     @property
     def draft_width(self) -> int:
-        """R: top-R tokens kept per mask, enough for the largest rank in the tree."""
-        return max(max(p) for p in self.paths) + 1
+        """R: top-R tokens kept per mask, enough for the largest rank in the tree (0 without masks)."""
+        return max((max(p) for p in self.paths), default=-1) + 1
 
     @property
     def num_rows(self) -> int:
-        """T = 1 + N + Dt (N + 1) rows per step."""
-        return 1 + self.num_nodes + self.depth * (self.num_nodes + 1)
+        """T = 1 + N + Dm (N + 1) rows per step."""
+        return 1 + self.num_nodes + self.mask_depth * (self.num_nodes + 1)
 
     @property
     def step_rows(self) -> int:
@@ -115,40 +142,54 @@ class DraftTree:
 
     @functools.cached_property
     def level(self) -> np.ndarray:
-        """[N] level (0-based) of each node: it holds a token of mask `level`."""
-        return np.asarray([len(p) - 1 for p in self.paths], np.int32)
+        """[N] level (0-based) of each node: the draft position after the root it proposes."""
+        return np.asarray([len(p) - 1 for p in self.paths] + list(range(self.lookup)), np.int32)
+
+    @functools.cached_property
+    def mask_level(self) -> np.ndarray:
+        """[N_m] level of each mask node: it holds a token of mask `level`."""
+        return self.level[: self.num_mask_nodes]
 
     @functools.cached_property
     def rank(self) -> np.ndarray:
-        """[N] rank of each node's token among its mask's drafts."""
+        """[N_m] rank of each mask node's token among its mask's drafts."""
         return np.asarray([p[-1] for p in self.paths], np.int32)
+
+    @functools.cached_property
+    def is_lookup(self) -> np.ndarray:
+        """[N] bool: the node belongs to the lookup chain."""
+        return np.arange(self.num_nodes) >= self.num_mask_nodes
 
     @functools.cached_property
     def parent(self) -> np.ndarray:
         """[N] parent node index, -1 for children of the root."""
         index = {p: i for i, p in enumerate(self.paths)}
-        return np.asarray([index.get(p[:-1], -1) for p in self.paths], np.int32)
+        chain = [self.num_mask_nodes + j - 1 if j else -1 for j in range(self.lookup)]
+        return np.asarray([index.get(p[:-1], -1) for p in self.paths] + chain, np.int32)
 
     @functools.cached_property
     def ancestors(self) -> np.ndarray:
         """[N, N] bool: ancestors[n, j] iff node j is n or an ancestor of n (root excluded)."""
-        paths = self.paths
-        return np.asarray([[p[: len(q)] == q for q in paths] for p in paths], bool)
+        out = np.eye(self.num_nodes, dtype=bool)
+        for n in range(self.num_nodes):  # parents come before children
+            if self.parent[n] >= 0:
+                out[n] |= out[self.parent[n]]
+        return out
 
     @functools.cached_property
     def path_nodes(self) -> np.ndarray:
         """[N, Dt] node indices from level 0 down to n; entries past n's level repeat n."""
-        index = {p: i for i, p in enumerate(self.paths)}
-        return np.asarray(
-            [[index[p[: m + 1]] if m < len(p) else index[p] for m in range(self.depth)] for p in self.paths],
-            np.int32,
-        )
+        out = np.zeros((self.num_nodes, self.depth), np.int32)
+        for n in range(self.num_nodes):
+            on_path = np.flatnonzero(self.ancestors[n])  # ascending index = ascending level
+            out[n] = np.concatenate([on_path, np.full(self.depth - len(on_path), n)])
+        return out
 
     # ---- step layout -------------------------------------------------------------------------
 
     def group_rows(self, group: int) -> np.ndarray:
-        """[Dt] rows of mask group `group` (0 = root's group, 1 + n = node n's group)."""
-        return 1 + self.num_nodes + group * self.depth + np.arange(self.depth)
+        """[Dm] rows of mask group `group` (0 = root's group, 1 + n = node n's group)."""
+        return 1 + self.num_nodes + group * self.mask_depth + np.arange(self.mask_depth)
 
     @property
     def num_verify_rows(self) -> int:
@@ -178,7 +219,7 @@ class DraftTree:
 
     @functools.cached_property
     def drafting_rows(self) -> np.ndarray:
-        """[1 + N, Dt] rows of the mask group that drafts the next tree after each stop."""
+        """[1 + N, Dm] rows of the mask group that drafts the next tree after each stop."""
         return np.stack([self.group_rows(stop) for stop in range(1 + self.num_nodes)]).astype(np.int32)
 
     @functools.cached_property
@@ -188,7 +229,7 @@ class DraftTree:
         The root sees itself; node n sees the root and anc(n); mask k of a group sees the root,
         the path of its owner node (none for group 0) and masks 0..k of its own group.
         """
-        n_nodes, depth = self.num_nodes, self.depth
+        n_nodes, depth = self.num_nodes, self.mask_depth
         mask = np.zeros((self.num_rows, self.num_rows), bool)
         mask[:, 0] = True
         mask[1 : 1 + n_nodes, 1 : 1 + n_nodes] = self.ancestors
@@ -208,9 +249,9 @@ class DraftTree:
         i.e. every row sits at (visible step rows - 1), continuing the committed sequence.
         """
         offsets = [0] + [1 + int(m) for m in self.level]
-        offsets += [1 + k for k in range(self.depth)]
+        offsets += [1 + k for k in range(self.mask_depth)]
         for m in self.level:
-            offsets += [2 + int(m) + k for k in range(self.depth)]
+            offsets += [2 + int(m) + k for k in range(self.mask_depth)]
         return np.asarray(offsets, np.int32)
 
     @functools.cached_property
@@ -226,16 +267,51 @@ class DraftTree:
                 f"of {vocab_size} tokens"
             )
 
+    @property
+    def spec(self) -> str:
+        """A --tree spec that parse_tree turns back into this tree (JSON paths, "+lookup:n")."""
+        parts = [json.dumps([list(p) for p in self.paths])] if self.paths else []
+        return "+".join(parts + ([f"lookup:{self.lookup}"] if self.lookup else []))
+
     def describe(self) -> str:
-        return f"{self.num_nodes} nodes, depth {self.depth}, {self.num_rows} rows per step"
+        nodes = f"{self.num_nodes} nodes" if not self.lookup else (
+            f"{self.num_mask_nodes} mask + {self.lookup} lookup nodes"
+        )
+        return f"{nodes}, depth {self.depth}, {self.num_rows} rows per step"
 
 
 def parse_tree(spec: str, num_masks: int) -> DraftTree:
-    """Parses a --tree spec for an adapter with `num_masks` mask tokens.
+    """Parses a --tree spec for an adapter with `num_masks` mask tokens (0: no adapter).
 
     Specs: "upper:K" (reference upper-triangle tree of width K over min(K, M) levels), "chain"
-    (one rank-0 node per level, M levels), or a JSON list of paths such as "[[0], [1], [0, 0]]".
+    (one rank-0 node per level, M levels), a JSON list of paths such as "[[0], [1], [0, 0]]",
+    "lookup:n" (a prompt-lookup chain of n nodes, no adapter needed), or a mask spec and a lookup
+    chain joined by "+", such as "upper:3+lookup:4".
     """
+    parts = [part.strip() for part in spec.strip().split("+")]
+    lookups = [p for p in parts if p.startswith("lookup:")]
+    masks = [p for p in parts if not p.startswith("lookup:")]
+    if len(lookups) > 1 or len(masks) > 1:
+        raise ConfigError(f"bad tree spec {spec!r}: at most one mask tree and one lookup:n, joined by +")
+    lookup = 0
+    if lookups:
+        try:
+            lookup = int(lookups[0].split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"bad tree spec {spec!r}: expected lookup:n with an integer n") from None
+        if lookup < 1:
+            raise ConfigError(f"bad tree spec {spec!r}: lookup:n needs n >= 1")
+    if not masks:
+        return DraftTree((), lookup)
+    if num_masks < 1:
+        raise ConfigError(
+            f"tree {masks[0]!r} drafts with mask tokens: it needs an adapter (lookup:n does not)"
+        )
+    return _parse_mask_tree(masks[0], num_masks).with_lookup(lookup)
+
+
+def _parse_mask_tree(spec: str, num_masks: int) -> DraftTree:
+    """The mask part of a --tree spec (upper:K, chain, JSON paths)."""
     spec = spec.strip()
     if spec == "chain":
         tree = DraftTree.from_paths([(0,) * (m + 1) for m in range(num_masks)])
@@ -254,7 +330,9 @@ def parse_tree(spec: str, num_masks: int) -> DraftTree:
             raise ConfigError("bad tree spec: expected a JSON list of paths (lists of ranks)")
         tree = DraftTree.from_paths(paths)
     else:
-        raise ConfigError(f"bad tree spec {spec!r}: expected upper:K, chain, or a JSON list of paths")
+        raise ConfigError(
+            f"bad tree spec {spec!r}: expected upper:K, chain, a JSON list of paths or lookup:n"
+        )
     if tree.depth > num_masks:
         raise ConfigError(f"draft tree depth {tree.depth} exceeds the adapter's {num_masks} mask tokens")
     return tree

@@ -6,10 +6,14 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --compare     # --tree auto
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
+  python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:3+lookup:4 --compare
+  python decode.py --model DIR --mode lookup --tree lookup:4 --compare     # prompt lookup, no adapter
 
 Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds; for bita `steps` counts tree steps) as each batch finishes, and prints a short summary.
-An interrupted run keeps its finished records; --resume decodes only the prompts they lack.
+seconds; for bita `steps` counts tree steps; `run`: what made it) as each batch finishes, and prints
+a short summary. One run at a time writes an --output (a second is refused). An interrupted run
+keeps its finished records; --resume decodes only the prompts they lack, and refuses records made
+with another model, adapter or options (docs/reliability.md).
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
 speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
 default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,
@@ -19,17 +23,21 @@ dtype and batch size, and decodes AR when no tree pays off there.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from tqdm import tqdm
 
 from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
-from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
+from bita_jax.cli.files import ResultsFile, read_prompt_lines
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.loop import SCAN_LAYERS
-from bita_jax.io.paths import check_output_file
+from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
+from bita_jax.errors import PromptError
+from bita_jax.io.fingerprint import adapter_fingerprint, model_fingerprint
 from bita_jax.tuning.auto import AUTO
 
 
@@ -58,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "equals AR's; fast computes in bfloat16",
     )
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
-    parser.add_argument("--output", help="write results to this jsonl file (default: stdout)")
+    parser.add_argument("--output", help="write results to this jsonl file (default, or -: stdout)")
     parser.add_argument(
         "--resume", action="store_true", help="keep the records already in --output, decode the rest"
     )
@@ -66,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tree",
         help="bita draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
-        "tree pays off), upper:K, chain, or JSON rank paths (default: auto)",
+        "tree pays off), upper:K, chain, or JSON rank paths, each optionally +lookup:n (a prompt-lookup "
+        "chain of n tokens beside the mask drafts); --mode lookup: lookup:n (default: auto; lookup:4)",
     )
     parser.add_argument(
         "--compare",
@@ -74,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="bita: also run AR, print the speedup (faster of two runs per mode) and equality",
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    # Sampling only: given with temperature 0 they are refused (they would change nothing).
+    parser.add_argument("--top-k", type=int, help="sampling: the k most likely tokens (default 0: off)")
+    parser.add_argument("--top-p", type=float, help="sampling: nucleus threshold (default 1: off)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -88,26 +98,82 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def decoding_mode(args: argparse.Namespace) -> str:
-    """--mode, defaulting to bita when an --adapter is given; refuses BiTA options in AR mode."""
+    """--mode, defaulting to bita when an --adapter is given; refuses BiTA options in AR mode and
+    an adapter in lookup mode (prompt lookup needs none)."""
     mode = args.mode or ("bita" if args.adapter else "ar")
     if mode == "ar":
         given = [flag for flag, value in (("--adapter", args.adapter), ("--tree", args.tree)) if value]
         given += ["--compare"] if args.compare else []
         if given:
             raise UserError(f"{given[0]} is for --mode bita, but the mode is ar")
-    elif not args.adapter:
-        raise UserError("--mode bita needs --adapter DIR")
+    elif mode == "lookup" and args.adapter:
+        raise UserError("--mode lookup needs no --adapter (for lookup beside mask drafts: --mode bita "
+                        "--tree upper:3+lookup:4)")  # fmt: skip
+    elif mode == "bita" and not args.adapter:
+        raise UserError("--mode bita needs --adapter DIR (prompt lookup alone: --mode lookup)")
     return mode
 
 
-def prompt_texts(args) -> list[str]:
+def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
+    """temperature, top_k, top_p, seed; refuses sampling flags given for a greedy decode (they would
+    change nothing, yet a reader of the command would believe they did) and values that are not
+    finite, before anything is loaded."""
+    given = {name: getattr(args, name) for name in SAMPLING_ONLY if getattr(args, name) is not None}
+    if args.temperature == 0 and given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise UserError(f"{flag} is for sampling, but --temperature is 0 (greedy): give --temperature > 0")
+    options = {"temperature": args.temperature, **SAMPLING_ONLY, **given}
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(options[name]):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {options[name]}")
+    Sampler(options["temperature"], options["top_k"], options["top_p"])  # refuses values out of range
+    return options
+
+
+def prompt_texts(args) -> tuple[list[str], list[str]]:
+    """The prompts, and how to name each in a message (its file line, or its place in --prompt)."""
     if args.prompt and args.prompts:
         raise UserError("give either --prompt or --prompts, not both")
     if args.prompts:
-        return read_prompts(args.prompts)
+        texts, lines = read_prompt_lines(args.prompts)
+        return texts, [f"prompt {i + 1} ({args.prompts} line {n})" for i, n in enumerate(lines)]
     if not args.prompt:
         raise UserError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
-    return args.prompt
+    for text in args.prompt:
+        if text.endswith(".jsonl") and os.path.isfile(text):
+            raise UserError(f"--prompt {text} names a file: to decode its prompts, use --prompts {text}")
+    where = [f"--prompt {i + 1}" for i in range(len(args.prompt))]
+    try:  # empty, or invalid Unicode (undecodable bytes in the command line)
+        api.check_prompts(args.prompt)
+    except PromptError as e:
+        raise UserError(f"{where[e.index]} {e.reason}") from None
+    return args.prompt, where
+
+
+def check_not_prompts(output: str | None, prompts: str | None) -> None:
+    """Refuses an --output that is the --prompts file (results would overwrite the prompts)."""
+    if output and prompts and os.path.exists(output) and os.path.exists(prompts):
+        if os.path.samefile(output, prompts):
+            raise UserError(f"--output {output} is the --prompts file: give another --output")
+
+
+def run_identity(args: argparse.Namespace, mode: str, sampling: dict, plan=None) -> dict:
+    """What a record's output depends on (files.IDENTITY_OPTIONS); mode and tree as decoded once a
+    plan is given, else as asked (mode) and absent (tree)."""
+    identity = {
+        "model": model_fingerprint(args.model),
+        "adapter": adapter_fingerprint(args.adapter) if mode == "bita" else None,
+        "mode": mode,
+        **used_options(**sampling),
+        "max_new_tokens": args.max_new_tokens,
+        "chat": args.chat,
+        "dtype": args.dtype,
+        "precision": args.precision,
+    }
+    if plan is not None:
+        identity["mode"] = plan.mode
+        identity["tree"] = None if plan.tree is None else [list(p) for p in plan.tree.paths]
+    return identity
 
 
 def fastest_of_two(model: api.Model, texts: list[str], first: api.Run, **options) -> api.Run:
@@ -128,20 +194,39 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--model DIR is required")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.resume and not args.output:
+    output = None if args.output in (None, "-") else args.output
+    if args.resume and output is None:
         raise UserError("--resume needs --output FILE")
     mode = decoding_mode(args)
-    texts = prompt_texts(args)
-    done, offset = [], 0
-    if args.output:  # before anything is loaded: a bad --output must not cost a model load
-        check_output_file(args.output)
-        done, offset = finished_records(args.output, texts, args.resume)
-    if len(done) == len(texts):
-        print(f"all {len(texts)} prompts are already in {args.output}; nothing to decode", file=sys.stderr)
+    sampling = sampling_options(args)
+    all_texts, where = prompt_texts(args)
+    check_not_prompts(output, args.prompts)
+    # The output is checked and locked before anything is loaded: a bad or busy --output must not
+    # cost a model load; it stays locked until every record is written.
+    with ResultsFile(output, all_texts, args.resume) as results:
+        return decode(args, mode, sampling, all_texts, where, results)
+
+
+def decode(
+    args: argparse.Namespace,
+    mode: str,
+    sampling: dict,
+    all_texts: list[str],
+    where: list[str],
+    results: ResultsFile,
+) -> int:
+    """Decodes the prompts `results` lacks and writes their records there; prints the reports.
+
+    `where` names each prompt for messages (`prompt_texts`)."""
+    done = results.records
+    if done:  # refused before a model load where it can be: all but the mode and tree as decoded
+        results.check(run_identity(args, mode, sampling), skip=("mode", "tree"))
+    if len(done) == len(all_texts):
+        print(f"all {len(done)} prompts are already in {args.output}: nothing to decode", file=sys.stderr)
         return 0
     if done:
-        print(f"resuming: {len(done)} of {len(texts)} prompts already in {args.output}", file=sys.stderr)
-    texts = texts[len(done) :]
+        print(f"resuming: {len(done)} of {len(all_texts)} prompts already in {args.output}", file=sys.stderr)
+    texts = all_texts[len(done) :]
     model = api.load(
         args.model,
         adapter=args.adapter if mode == "bita" else None,
@@ -152,34 +237,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     tree = args.tree or AUTO
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
-    model.check(texts, mode=mode, **options)  # bad input fails before the progress bar shows
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree, **sampling
+    )
+    try:  # bad input fails before the progress bar shows
+        plan = model.check(texts, mode=mode, **options)
+    except PromptError as e:
+        raise UserError(f"{where[len(done) + e.index]} {e.reason}") from None
+    identity = run_identity(args, mode, sampling, plan)
+    results.check(identity)
     # Records own stdout unless --output is given; reports go wherever they do not.
-    out = sys.stdout if args.output else sys.stderr
-    writer = RecordWriter(args.output, offset)
+    out = sys.stdout if results.fd is not None else sys.stderr
 
     def batch_done(records: list[dict]) -> None:
-        writer.write(records)
+        results.write(records, identity)
         progress.update(len(records))
 
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
         run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
-        writer.close()
-        if run.mode == "bita":
-            tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
+        if run.mode != "ar":
+            shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
+            tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)
-            tqdm.write(acceptance_report(run.generations, run.accepted_per_level), file=out)
-        if args.compare and mode == "bita" and run.mode == "ar":
+            tqdm.write(
+                acceptance_report(run.generations, run.accepted_per_level, run.accepted_lookup), file=out
+            )
+        if args.compare and mode != "ar" and run.mode == "ar":
             # Auto decoded AR: the run was the AR loop itself; timing it twice would only measure noise.
             tqdm.write(
                 "compare: --tree auto decoded AR here (no tree pays off on this device), so its outputs "
                 "and speed are AR's: speedup 1.00x, identical outputs: yes",
                 file=out,
             )
-        elif args.compare and mode == "bita":  # each mode timed twice
+        elif args.compare and mode != "ar":  # each mode timed twice
             progress.reset(total=len(texts))
             progress.set_description("decode (ar, --compare)")
             timing = dict(first_index=len(done), **options)

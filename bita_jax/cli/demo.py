@@ -8,7 +8,6 @@ Prints the completions (compact), then the summary as the last lines.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import jax
@@ -86,7 +85,7 @@ def run_demo() -> int:
         ar_run = auto_run if auto_run.mode == "ar" else decode("demo (ar)", mode="ar")
         tree_run = None
         if auto_run.mode == "ar" and auto.choice is not None and auto.choice.best_tree is not None:
-            spec = json.dumps([list(p) for p in auto.choice.best_tree.tree.paths])
+            spec = auto.choice.best_tree.tree.spec
             tree_run = decode("demo (bita, the best tree)", mode="bita", tree=spec)
     print(demo.format_completions(auto_run.records))
     print("\n".join(summary(auto, auto_run, ar_run, tree_run)))

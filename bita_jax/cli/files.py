@@ -1,14 +1,35 @@
-"""Files the CLIs read and write: prompt jsonl in, result jsonl out (appended batch by batch)."""
+"""Files the CLIs read and write: prompt jsonl in; result jsonl out, appended batch by batch by one
+run at a time (locked), each record saying what made it, so --resume refuses another run's records.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any, BinaryIO
+from typing import Any, Sequence
 
-from bita_jax.errors import UserError
-from bita_jax.io.paths import writing
+from bita_jax.errors import PromptError, UserError
+from bita_jax.io import lock
+from bita_jax.io.paths import check_output_file, writing
+
+# The key of each record's identity, and what sets each field of it (for --resume's refusal).
+RUN_KEY = "run"
+IDENTITY_OPTIONS = {
+    "model": "--model (weights fingerprint)",
+    "adapter": "--adapter (fingerprint)",
+    "mode": "mode (as decoded)",
+    "tree": "--tree (as resolved)",
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "seed": "--seed",
+    "chat": "--chat",
+    "dtype": "--dtype",
+    "precision": "--precision",
+}
 
 
 def read_text_lines(path: str, what: str) -> list[str]:
@@ -24,9 +45,14 @@ def read_text_lines(path: str, what: str) -> list[str]:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a jsonl file whose lines are objects with a string "prompt"; blank lines skipped."""
-    prompts = []
+def read_prompt_lines(path: str) -> tuple[list[str], list[int]]:
+    """Prompts from a jsonl file whose lines are objects with a string "prompt" (blank lines
+    skipped), and the line number of each. Every prompt is checked before any is decoded (so a bad
+    one cannot stop a run half way): one that is empty or not valid Unicode raises UserError
+    naming its line."""
+    from bita_jax.api import check_prompts
+
+    prompts, numbers = [], []
     for number, line in enumerate(read_text_lines(path, "prompts file"), start=1):
         if not line.strip():
             continue
@@ -36,76 +62,119 @@ def read_prompts(path: str) -> list[str]:
             raise UserError(f"{path} line {number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UserError(f'{path} line {number}: expected an object with a string "prompt"')
+        try:
+            check_prompts([record["prompt"]])
+        except PromptError as e:
+            raise UserError(f"{path} line {number}: the prompt {e.reason}") from None
         prompts.append(record["prompt"])
+        numbers.append(number)
     if not prompts:
         raise UserError(f"{path} holds no prompts")
-    return prompts
+    return prompts, numbers
 
 
-def finished_records(path: str, prompts: list[str], resume: bool) -> tuple[list[dict[str, Any]], int]:
-    """The records an earlier run left in `path` and the byte length of that good prefix.
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a jsonl prompts file (`read_prompt_lines`)."""
+    return read_prompt_lines(path)[0]
 
-    With `resume` they must be the records of the first prompts, in order; a torn last line (a run
-    killed while writing it) is not counted. Without `resume` a non-empty file is refused, so a
-    finished output is never replaced by a run that may be interrupted.
+
+def _shown(value: Any) -> str:
+    text = "none" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+class ResultsFile:
+    """decode.py's output: a jsonl file held by this run alone (`lock.exclusive`), or stdout.
+
+    Entering it locks the file and reads what an earlier run finished there: without `resume` a
+    file holding anything is refused (a finished output is never replaced by a run that may be
+    interrupted); with it, its complete lines must be finished records (with output_ids) of the
+    first prompts, in order; a torn last line (a run killed while writing) is dropped. `check`
+    compares their identity with this run's, `write` appends records (each with this run's
+    identity) after the kept ones. A file this run created and left empty is removed on exit.
     """
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return [], 0
-    if not resume:
-        raise UserError(
-            f"--output {path} already holds results: pass --resume to decode only the prompts it lacks, "
-            "or remove it"
-        )
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    records, offset = [], 0
-    for number, line in enumerate(lines[:-1], start=1):  # the piece after the last newline is torn
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"--resume: {path} line {number} is not a JSON record") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if number > len(prompts) or prompt != prompts[number - 1]:
+
+    def __init__(self, path: str | None, prompts: Sequence[str], resume: bool):
+        self.path, self.prompts, self.resume = path, prompts, resume
+        self.records: list[dict[str, Any]] = []  # the finished records kept
+        self.offset = 0  # bytes of the kept records
+        self.fd: int | None = None
+        self._stack = contextlib.ExitStack()
+        self._created = False
+        self._started = False
+
+    def __enter__(self) -> "ResultsFile":
+        if self.path is None:
+            return self
+        check_output_file(self.path)
+        self._created = not os.path.exists(self.path)
+        with self._stack:
+            self.fd = self._stack.enter_context(lock.exclusive(self.path, f"--output {self.path}"))
+            self._read_finished()
+            self._stack = self._stack.pop_all()  # keep the lock past this block
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._created and self.fd is not None and os.fstat(self.fd).st_size == 0:
+            os.unlink(self.path)  # still locked: no other run can have opened it meanwhile
+        self._stack.close()
+
+    def _read_finished(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        if not data:
+            return
+        if not self.resume:
             raise UserError(
-                f"--resume: {path} line {number} is not the record of prompt {number} of this input "
-                "(another run's output?)"
+                f"--output {self.path} already holds results: pass --resume to decode only the "
+                "prompts it lacks, or remove it"
             )
-        records.append(record)
-        offset += len(line) + 1
-    return records, offset
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines[:-1], start=1):  # the piece after the last newline is torn
+            where = f"--resume: {self.path} line {number}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{where} is not a JSON record") from None
+            if not isinstance(record, dict) or not isinstance(record.get("output_ids"), list):
+                raise UserError(f"{where} is not a finished decode.py record (no output_ids; the prompts?)")
+            if number > len(self.prompts) or record.get("prompt") != self.prompts[number - 1]:
+                raise UserError(
+                    f"{where} is not the record of prompt {number} of this input (another run's output?)"
+                )
+            if not isinstance(record.get(RUN_KEY), dict):
+                raise UserError(f"{where} does not say what made it (older bita_jax?): give a new --output")
+            self.records.append(record)
+            self.offset += len(line) + 1
 
+    def check(self, identity: dict[str, Any], skip: Sequence[str] = ()) -> None:
+        """Refuses kept records made by another run: naming the first field of `identity` (keys
+        of IDENTITY_OPTIONS) that differs, except those in `skip` (not known yet)."""
+        for number, record in enumerate(self.records, start=1):
+            made = record[RUN_KEY]
+            for key, option in IDENTITY_OPTIONS.items():
+                if key in skip or key not in identity:
+                    continue
+                before, now = made.get(key, "unrecorded"), identity[key]
+                if before != now:
+                    raise UserError(
+                        f"--resume: {self.path} line {number} was made with {option} {_shown(before)}, "
+                        f"not {_shown(now)}: resume with the same settings, or give another --output"
+                    )
 
-class RecordWriter:
-    """Writes result records as batches finish: one json line each, flushed, to a file or stdout.
-
-    A file is kept up to `offset` (the finished records of an earlier run) and appended to.
-    """
-
-    def __init__(self, path: str | None, offset: int = 0):
-        self.path = path
-        self.file: BinaryIO | None = None
-        if path is not None:
-            with writing(path):
-                self.file = open(path, "r+b" if os.path.exists(path) else "wb")
-                self.file.seek(offset)
-                self.file.truncate()
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        text = "".join(_line(r) for r in records)
-        if self.file is None:
+    def write(self, records: list[dict[str, Any]], identity: dict[str, Any]) -> None:
+        """Appends records, each with `identity` under "run", flushed (fsync'd to a file)."""
+        text = "".join(json.dumps({**r, RUN_KEY: identity}, ensure_ascii=False) + "\n" for r in records)
+        if self.fd is None:
             sys.stdout.write(text)
             sys.stdout.flush()
             return
-        with writing(self.path):
-            self.file.write(text.encode("utf-8"))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        if self.file is not None:
-            with writing(self.path):
-                self.file.close()
-
-
-def _line(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+        with writing(f"--output {self.path}"):
+            if not self._started:  # drop a torn last line of an earlier run
+                os.ftruncate(self.fd, self.offset)
+                self._started = True
+            data = text.encode("utf-8")
+            os.lseek(self.fd, 0, os.SEEK_END)
+            while data:
+                data = data[os.write(self.fd, data) :]
+            os.fsync(self.fd)

@@ -37,17 +37,24 @@ def summarize(generations: list[Generation], compile_seconds: float) -> RunSumma
     )
 
 
-def acceptance_report(generations: list[Generation], accepted_per_level: np.ndarray) -> str:
-    """BiTA's per-run acceptance: tokens per tree step and the acceptance rate of each draft level.
+def acceptance_report(
+    generations: list[Generation], accepted_per_level: np.ndarray, accepted_lookup: np.ndarray | None = None
+) -> str:
+    """BiTA's per-run acceptance: tokens per tree step and the acceptance rate of each draft level
+    (and the share of accepted drafts the lookup chain proposed, when it has some).
 
     Args:
       accepted_per_level: [prompts, Dt] steps in which draft level m was accepted (and kept).
+      accepted_lookup: [prompts] drafts accepted through the lookup chain.
     """
     tokens = sum(len(g.output_ids) for g in generations)
     steps = sum(g.steps for g in generations)
     seconds = sum(g.seconds for g in generations)
     rates = accepted_per_level.sum(axis=0) / max(steps, 1)
     levels = ", ".join(f"{m + 1}: {100 * r:.1f}%" for m, r in enumerate(rates))
+    if accepted_lookup is not None and accepted_lookup.sum():
+        share = accepted_lookup.sum() / max(accepted_per_level.sum(), 1)
+        levels += f"; {100 * share:.1f}% of accepted drafts from prompt lookup"
     return (
         f"tokens per step {tokens / max(steps, 1):.2f} (accepted drafts + bonus), "
         f"acceptance per draft level (share of steps) {levels}, "

@@ -122,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = build_config(args)
     init_distributed(args)
-    from bita_jax.training import loop
+    from bita_jax.sharding import check_platform
+    from bita_jax.training import loop, resume
 
-    last = loop.run(cfg)
+    check_platform()
+    with resume.exclusive_run(cfg.output):  # before anything is loaded: one run per directory
+        last = loop.run(cfg)
     adapter = os.path.join(cfg.output, loop.ADAPTER_DIR)
     if last.get("finished"):
         print(

@@ -16,6 +16,7 @@ with measured tokens/s on the first --measure-prompts prompts, and writes tune.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -28,6 +29,8 @@ from bita_jax import api
 from bita_jax.cli import UserError
 from bita_jax.cli.bench import parse_batch_sizes
 from bita_jax.config import DTYPES
+from bita_jax.io import lock
+from bita_jax.io.paths import check_writable_dir
 from bita_jax.tuning import step_cost, tuner
 from bita_jax.tuning.choice import Prediction, load_store, save_store
 
@@ -50,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tree_label(p: Prediction) -> str:
-    return "AR" if p.tree is None else f"{p.tree.num_nodes} nodes, depth {p.tree.depth}"
+    if p.tree is None:
+        return "AR"
+    if p.tree.lookup:
+        return f"{p.tree.num_mask_nodes}+lookup:{p.tree.lookup}, depth {p.tree.depth}"
+    return f"{p.tree.num_nodes} nodes, depth {p.tree.depth}"
 
 
 def table(rows: list[dict], ar_seconds: float) -> str:
@@ -85,7 +92,7 @@ def measure_rows(
             )
         rows.append(
             {
-                "tree": tree_label(p), "paths": None if p.tree is None else [list(x) for x in p.tree.paths],
+                "tree": tree_label(p), "spec": None if p.tree is None else p.tree.spec,
                 "rows": p.rows, "tau_predicted": p.tau, "tau_measured": tau, "step_seconds": p.step_seconds,
                 "tokens_per_s_predicted": p.tokens_per_s, "tokens_per_s_measured": speed,
             }
@@ -140,6 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     if not 1 <= args.max_rank <= 36:
         raise UserError(f"--max-rank must be in 1..36, got {args.max_rank}")
+    if not os.path.isdir(args.adapter):
+        raise UserError(f"adapter directory not found: {args.adapter}")
+    check_writable_dir(args.output_dir, f"--output-dir {args.output_dir}", create=True)
+    # One tuner per adapter (it rewrites trees.json) and per --output-dir, held before any load.
+    with contextlib.ExitStack() as held:
+        held.enter_context(lock.exclusive(args.adapter, f"--adapter {args.adapter}", directory=True))
+        if not os.path.samefile(args.adapter, args.output_dir):
+            held.enter_context(
+                lock.exclusive(args.output_dir, f"--output-dir {args.output_dir}", directory=True)
+            )
+        return tune(args, batch_sizes)
+
+
+def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
+    """Measures, chooses and writes the trees (the module docstring's steps 1-3)."""
     model = api.load(args.model, adapter=args.adapter, dtype=args.dtype)
     device_kind = step_cost.current_device_kind()
     start = time.perf_counter()
@@ -178,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     path = save_store(
         args.adapter, tuner.stored(load_store(args.adapter), stats, device_kind, args.dtype, choices)
     )
-    os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "tune.json"), "w") as f:
         json.dump({"device_kind": device_kind, "dtype": args.dtype, "results": results}, f, indent=1)
     written = "tune.json"

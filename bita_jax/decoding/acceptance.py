@@ -20,7 +20,10 @@ def walk(tree: DraftTree, node_tokens: jax.Array, chosen: jax.Array) -> tuple[ja
     """How far the tree matches the chosen tokens, vectorised over the tree.
 
     A node is on the path when its token equals the token chosen at its parent's row and its
-    parent is on the path. Sibling tokens are distinct (top-R ranks), so the path is one chain.
+    parent is on the path. Mask siblings are distinct (top-R ranks), but the lookup chain may
+    repeat a mask node's token, so two branches can be on the path: each is verified against the
+    chosen tokens all the way, and the deepest one is taken (the first by node index among equals:
+    a mask node before the lookup chain).
 
     Args:
       node_tokens: [B, N] the candidate tokens.

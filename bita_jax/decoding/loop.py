@@ -14,9 +14,11 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bita_jax.bita.tree import DraftTree
 from bita_jax.config import ModelConfig
+from bita_jax.decoding import lookup
 from bita_jax.decoding.cache import KVCache
 from bita_jax.decoding.sampling import GREEDY, Sampler
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
@@ -205,18 +207,30 @@ class BiTACarry:
     """BiTA's extra loop carry.
 
     Attributes:
-      drafts: [B, Dt, R] the draft tree's tokens for the next step.
+      drafts: [B, Dm, R] the draft tree's mask tokens for the next step.
       accepted_per_level: [B, Dt] int32, steps in which draft level m was accepted and kept.
+      accepted_lookup: [B] int32, kept drafts accepted through the lookup chain.
+      prompt: [B, T] the prompts and prompt_lens [B] their lengths: with the generated tokens,
+        the history prompt lookup searches.
     """
 
     drafts: jax.Array
     accepted_per_level: jax.Array
+    accepted_lookup: jax.Array
+    prompt: jax.Array
+    prompt_lens: jax.Array
 
     @classmethod
-    def initial(cls, tree: DraftTree, batch: int, vocab_size: int) -> "BiTACarry":
+    def initial(
+        cls, tree: DraftTree, tokens: jax.Array, prompt_lens: jax.Array, vocab_size: int
+    ) -> "BiTACarry":
+        batch = tokens.shape[0]
         return cls(
             drafts=placeholder_drafts(tree, batch, vocab_size),
             accepted_per_level=jnp.zeros((batch, tree.depth), jnp.int32),
+            accepted_lookup=jnp.zeros((batch,), jnp.int32),
+            prompt=tokens,
+            prompt_lens=prompt_lens,
         )
 
 
@@ -229,19 +243,27 @@ def bita_loop_step(
     max_new_tokens: int,
     state: GenerationState,
 ) -> GenerationState:
-    """One tree step of the generation loop: verify, record, commit the accepted rows, redraft."""
+    """One tree step of the generation loop: look up, verify, record, commit the accepted rows, redraft."""
+    proposals = None
+    if tree.lookup:
+        carry = state.extra
+        history = lookup.history(carry.prompt, carry.prompt_lens, state.output, state.num_generated)
+        proposals = lookup.propose(*history, tree.lookup, model.config.vocab_size)
     step = tree_step(
-        model, tree, policy, params, adapter, state.cache, state.pending, state.extra.drafts, state.streams
-    )
+        model, tree, policy, params, adapter, state.cache, state.pending, state.extra.drafts,
+        state.streams, proposals,
+    )  # fmt: skip
     state, keep = record_tokens(
         state, step.new_tokens, step.accepted + 1, max_new_tokens, model.config.eos_token_ids
     )
     running = keep > 0  # finished rows stay frozen, as in the AR loop
     levels = jnp.arange(tree.depth)[None, :]
     counted = (levels < step.accepted[:, None]) & (levels < keep[:, None])
-    extra = BiTACarry(
+    from_lookup = jnp.asarray(np.concatenate([[False], tree.is_lookup]))[step.stop]  # [B]
+    extra = state.extra.replace(
         drafts=jnp.where(running[:, None, None], step.drafts, state.extra.drafts),
         accepted_per_level=state.extra.accepted_per_level + counted.astype(jnp.int32),
+        accepted_lookup=state.extra.accepted_lookup + jnp.where(from_lookup, counted.sum(axis=1), 0),
     )
     return state.replace(
         cache=state.cache.commit(step.commit_k, step.commit_v, jnp.where(running, step.accepted + 1, 0)),
@@ -262,7 +284,7 @@ def make_bita_generate(
 
     def generate(weights, tokens, prompt_lens, streams):
         params, adapter = weights
-        extra = BiTACarry.initial(tree, tokens.shape[0], config.vocab_size)
+        extra = BiTACarry.initial(tree, tokens, prompt_lens, config.vocab_size)
         state = initial_state(
             model, params, tokens, prompt_lens, streams, max_new_tokens, tree.step_rows, extra
         )

@@ -17,7 +17,7 @@ import numpy as np
 from bita_jax.config import ModelConfig
 from bita_jax.decoding.loop import GenerationState
 from bita_jax.decoding.sampling import streams_for
-from bita_jax.errors import ConfigError
+from bita_jax.errors import ConfigError, PromptError
 
 MIN_BUCKET = 16
 
@@ -37,17 +37,22 @@ def prompt_bucket(length: int) -> int:
 
 
 def check_lengths(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int) -> None:
-    """Refuses, before any compile, prompts that cannot fit the model's positions."""
+    """Refuses, before any compile, prompts that cannot fit the model's positions.
+
+    Raises:
+      PromptError: naming the first prompt without tokens or too long.
+    """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if min(prompt_lens) < 1:
-        raise ConfigError("empty prompt: at least one token is needed")
-    longest = max(prompt_lens)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ConfigError(
-            f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
-            f"{config.max_position_embeddings} positions"
-        )
+    for index, length in enumerate(prompt_lens):
+        if length < 1:
+            raise PromptError(index, "is empty: at least one token is needed")
+        if length + max_new_tokens > config.max_position_embeddings:
+            raise PromptError(
+                index,
+                f"has {length} tokens: with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"{config.max_position_embeddings} positions",
+            )
 
 
 def pad_batch(

@@ -12,6 +12,7 @@ The seed travels with the rows (`streams`), not in the Sampler, so a new seed do
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ class Sampler:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # inf would sample uniformly, NaN never compares
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -115,6 +116,22 @@ def _top_p(scores: jax.Array, top_p: float) -> jax.Array:
 
 
 GREEDY = Sampler()
+# The sampling options besides temperature, and the values that turn each off.
+SAMPLING_ONLY = {"top_k": 0, "top_p": 1.0, "seed": 0}
+
+
+def used_options(temperature: float, top_k: int, top_p: float, seed: int) -> dict[str, float | int]:
+    """The sampling options a decode actually uses: temperature alone when greedy (0), else all."""
+    if temperature == 0:
+        return {"temperature": 0.0}
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+
+
+def ignored_options(temperature: float, **options: float | int) -> list[str]:
+    """Names of `SAMPLING_ONLY` options set (not off) although temperature 0 decodes greedily."""
+    if temperature != 0:
+        return []
+    return [name for name, off in SAMPLING_ONLY.items() if name in options and options[name] != off]
 
 
 def streams_for(seed: int, prompt_indices) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The trained BiTA adapter on disk: `adapter.safetensors` plus `adapter_config.json`.
 
 The json records P, M, prefix dropout and the identity of the base model the adapter was trained
-on (path, the dimensions the adapter's shapes depend on, and a hash of its config.json), so
-decode.py can refuse an adapter that does not fit the model it is given.
+on (the dimensions the adapter's shapes depend on, and a hash of its config.json; not its path,
+which would only name a directory of the machine it was trained on), so decode.py can refuse an
+adapter that does not fit the model it is given.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ IDENTITY_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head
 
 
 def base_model_identity(base_model_dir: str) -> dict[str, Any]:
-    """Path, shape-relevant dimensions and config.json sha256 of the base model."""
+    """Shape-relevant dimensions and config.json sha256 of the base model."""
     model_cfg = ModelConfig.from_pretrained(base_model_dir)
     identity: dict[str, Any] = {name: getattr(model_cfg, name) for name in IDENTITY_FIELDS}
-    identity["path"] = os.path.abspath(base_model_dir)
     with open(os.path.join(base_model_dir, "config.json"), "rb") as f:
         identity["config_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return identity
@@ -99,7 +99,7 @@ def load_adapter(adapter_dir: str, model_cfg: ModelConfig) -> tuple[BiTAConfig, 
         if base.get(name) != getattr(model_cfg, name):
             raise ConfigError(
                 f"adapter {adapter_dir} was trained for a base model with {name}={base.get(name)}, "
-                f"but the model has {name}={getattr(model_cfg, name)} (base: {base.get('path')})"
+                f"but the model has {name}={getattr(model_cfg, name)}"
             )
     params = _read_weights(weights_path)
     expected = adapter_shapes(model_cfg, bita_cfg)

@@ -119,7 +119,7 @@ def _check_extents(path: str, header: dict, data_bytes: int) -> None:
             )
 
 
-def _checkpoint_files(model_dir: str) -> dict[str, str]:
+def checkpoint_files(model_dir: str) -> dict[str, str]:
     """{tensor name: file path} from the index of a sharded checkpoint or the single file."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
@@ -139,7 +139,7 @@ class _TensorReader:
 
     def __init__(self, model_dir: str):
         self.model_dir = model_dir
-        self.locations = _checkpoint_files(model_dir)
+        self.locations = checkpoint_files(model_dir)
         self.files: dict[str, _SafetensorsFile] = {}
 
     def get(self, name: str) -> np.ndarray:

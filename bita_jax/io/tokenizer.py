@@ -23,6 +23,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Files a model-specific tokenizer class builds its vocabulary from, when there is no tokenizer.json.
+VOCAB_FILES = ("tokenizer.model", "vocab.json", "vocab.txt", "tokenizer.model.v3", "spiece.model")
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = (
     "bos_token",
@@ -73,6 +75,11 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
     generic = config.get("tokenizer_class") in GENERIC_CLASSES
     if generic and os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)):
         return FastTokenizer.from_dir(model_dir)
+    if generic and not any(os.path.isfile(os.path.join(model_dir, f)) for f in VOCAB_FILES):
+        # Without a file to build it from, transformers' own message lists its attempts over many lines.
+        name = config.get("tokenizer_class")
+        why = f"the class {name} is built from it" if name else "nor is any other tokenizer file there"
+        raise ConfigError(f"cannot load a tokenizer from {model_dir}: {TOKENIZER_FILE} is missing ({why})")
     return TransformersTokenizer.from_dir(model_dir)
 
 

@@ -145,6 +145,11 @@ def read_examples(
                 f"{where}: needs prompt_ids + output_ids, or text fields "
                 f"{cfg.prompt_field!r} and {cfg.completion_field!r} (missing or not a string: {missing[0]!r})"
             )
+        for field in (cfg.prompt_field, cfg.completion_field):
+            try:
+                record[field].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": valid JSON, no text
+                raise UserError(f"{where}: {field!r} holds invalid Unicode (character {e.start})") from None
         with_text.append((record[cfg.prompt_field], record[cfg.completion_field]))
         text_wheres.append(where)
     if with_text:
@@ -175,6 +180,12 @@ def _check_vocab(ids: list[int], vocab_size: int, where: str) -> None:
             f"{where}: token id {largest} is not below the model's vocab_size {vocab_size} (ids from "
             f"{vocab_size} on are BiTA's mask tokens; data from another tokenizer?)"
         )
+
+
+def full_count(examples: list[Example], max_length: int) -> int:
+    """Examples whose prompt + response reach max_length: `read_examples` cut them there, unless one
+    fitted exactly."""
+    return sum(len(e.source) + len(e.target) >= max_length for e in examples)
 
 
 def trainable_count(examples: list[Example], num_masks: int) -> int:

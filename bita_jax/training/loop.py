@@ -111,9 +111,11 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
     shard = (jax.process_index(), jax.process_count())
     eos_id = model_cfg.eos_token_ids[0]
     examples = data.read_examples(cfg.data, cfg.model, eos_id, shard, model_cfg.vocab_size)
-    counts = multihost_utils.process_allgather(np.asarray([len(examples), data.trainable_count(examples, M)]))
-    num_examples, num_trainable = np.asarray(counts).reshape(-1, 2).sum(axis=0).tolist()
-    check_trainable(num_examples, num_trainable, M, cfg.data.path)
+    counts = [len(examples), data.trainable_count(examples, M)]
+    counts.append(data.full_count(examples, cfg.data.max_length))
+    counts = multihost_utils.process_allgather(np.asarray(counts))
+    num_examples, num_trainable, num_full = np.asarray(counts).reshape(-1, 3).sum(axis=0).tolist()
+    check_trainable(num_examples, num_trainable, M, cfg.data.path, num_full, cfg.data.max_length)
     steps_per_epoch = max(1, num_examples // cfg.batch_size)
     total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
     local_batch = cfg.batch_size // jax.process_count()
@@ -233,13 +235,22 @@ def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Ex
     return init_from_text(LlamaModel(model_cfg), base, cfg.bita, jnp.asarray(text), rng)
 
 
-def check_trainable(num_examples: int, num_trainable: int, num_masks: int, path: str) -> None:
-    """Refuses data where no response is longer than M tokens (no mask gets a label); warns when
-    some are that short."""
+def check_trainable(
+    num_examples: int, num_trainable: int, num_masks: int, path: str, num_full: int = 0, max_length: int = 0
+) -> None:
+    """Refuses data where no response is longer than M tokens (no mask gets a label), naming
+    data.max_length when it cut responses (`num_full` examples reach it); warns when some are that
+    short."""
     if num_trainable == 0:
+        cut = (
+            f" once data.max_length={max_length} cut prompt + response ({num_full} of {num_examples} "
+            "examples reach it: raise it)"
+            if num_full
+            else ""
+        )
         raise UserError(
             f"no example in {path} has a response longer than the {num_masks} mask tokens "
-            "(EOS included): there is nothing to train them on"
+            f"(EOS included){cut}: there is nothing to train them on"
         )
     if num_trainable < num_examples:
         warnings.warn(

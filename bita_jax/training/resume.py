@@ -4,12 +4,13 @@ boundary so the loop can save a checkpoint first."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -17,7 +18,8 @@ from jax.experimental import multihost_utils
 
 from bita_jax.config import TrainConfig, read_json
 from bita_jax.errors import UserError
-from bita_jax.io.paths import writing
+from bita_jax.io import lock
+from bita_jax.io.paths import check_writable_dir, writing
 
 RUN_FILE = "run.json"
 # What a checkpoint is only valid for, with the option that sets it (for the error message).
@@ -38,6 +40,18 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_run(output: str | None) -> Iterator[None]:
+    """Holds the run directory (created if missing) for this run alone while entered: a second run
+    on it is refused at once (`lock.exclusive`). Multi-host: process 0 holds it for the job."""
+    if not output or jax.process_index() != 0:
+        yield
+        return
+    check_writable_dir(output, f"--output {output}", create=True)
+    with lock.exclusive(output, f"--output {output}", directory=True):
+        yield
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:

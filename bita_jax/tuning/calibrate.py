@@ -6,6 +6,10 @@ and its mask k is labelled target[s + 1 + k], the token mask k drafts at decode 
 the target's end: rank -1). Each example's points are cut into sequences of at most `max_groups`
 groups (bita/training_mask.build_sequence), padded to training/data.py's length buckets and a
 fixed batch size, so each bucket compiles once.
+
+Lookup runs come from the same calibration sequences: at every drafting point, how many of the
+tokens prompt lookup proposes match the target in a row (the proposal is the decoding step's own,
+decoding/lookup.py).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import numpy as np
 
 from bita_jax.bita.training_mask import IGNORE, NORMAL, build_sequence
 from bita_jax.config import DataConfig, ModelConfig
+from bita_jax.decoding import lookup
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import data
 from bita_jax.training.step import mask_row_forward
+from bita_jax.tuning.stats import MAX_LOOKUP
 
 
 def example_sequences(
@@ -134,3 +140,49 @@ def teacher_forced_ranks(
     for i in range(len(sequences)):  # sequences are in example, then offset order
         per_example[owner[i]].append(per_sequence[i])
     return [np.concatenate(r + [np.zeros((0,), np.int32)]).reshape(-1, num_masks) for r in per_example]
+
+
+@functools.lru_cache(maxsize=None)
+def _make_runs_fn(num_tokens: int, vocab_size: int) -> Callable:
+    """Jitted `(tokens [P, S], lengths [P], targets [P, n]) -> runs [P]`: how many of the tokens
+    prompt lookup proposes after each history match its targets in a row."""
+
+    def runs(tokens, lengths, targets):
+        proposal = lookup.propose(tokens, lengths, num_tokens, vocab_size)
+        return jnp.sum(jnp.cumprod(proposal == targets, axis=1), axis=1, dtype=jnp.int32)
+
+    return jax.jit(runs)
+
+
+def lookup_runs(examples: list[data.Example], vocab_size: int, num_tokens: int = MAX_LOOKUP,
+                points_per_call: int = 256) -> list[np.ndarray]:  # fmt: skip
+    """Per example, the lookup runs [T - 1] of its drafting points 0 .. T - 2 (T: target length).
+
+    At point s the history is source + target[:s + 1] (target[s] is the pending token when the
+    step that drafts target[s + 1 ...] runs), as in decoding; the proposal comes from the same
+    on-device `decoding.lookup.propose` the tree step uses. Tokens past the target's end never
+    match (pad -1), so runs stop there.
+    """
+    longest = max(len(e.source) + len(e.target) for e in examples)
+    slots = -(-longest // 64) * 64  # one compile per 64 slots of history
+    histories, lengths, targets, owner = [], [], [], []
+    for index, example in enumerate(examples):
+        sequence = np.full(slots + num_tokens, -1, np.int32)
+        sequence[: len(example.source) + len(example.target)] = example.source + example.target
+        for s in range(len(example.target) - 1):
+            end = len(example.source) + s + 1
+            histories.append(sequence[:slots])
+            lengths.append(end)
+            targets.append(sequence[end : end + num_tokens])
+            owner.append(index)
+    runs_fn = _make_runs_fn(num_tokens, vocab_size)
+    runs = np.zeros(len(histories), np.int32)
+    for start in range(0, len(histories), points_per_call):
+        stop = min(start + points_per_call, len(histories))
+        pad = points_per_call - (stop - start)  # fixed shapes: pad with copies of the last point
+        pick = list(range(start, stop)) + [stop - 1] * pad
+        out = runs_fn(np.stack([histories[i] for i in pick]), np.asarray([lengths[i] for i in pick]),
+                      np.stack([targets[i] for i in pick]))  # fmt: skip
+        runs[start:stop] = np.asarray(out)[: stop - start]
+    owner = np.asarray(owner, np.int64)
+    return [runs[owner == index] for index in range(len(examples))]

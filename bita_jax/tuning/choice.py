@@ -80,6 +80,7 @@ class Prediction:
     def to_json(self) -> dict[str, Any]:
         return {
             "tree": None if self.tree is None else [list(p) for p in self.tree.paths],
+            "lookup": 0 if self.tree is None else self.tree.lookup,
             "tau": self.tau,
             "rows": self.rows,
             "step_seconds": self.step_seconds,
@@ -88,7 +89,8 @@ class Prediction:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Prediction":
-        tree = None if data["tree"] is None else DraftTree.from_paths(data["tree"])
+        lookup = int(data.get("lookup", 0))  # stores written before lookup chains have none
+        tree = None if data["tree"] is None else DraftTree.from_paths(data["tree"], lookup)
         return cls(
             tree,
             float(data["tau"]),

@@ -18,8 +18,16 @@ ranks[s, j] == c_j for every j <= m. Two estimates of tau (tokens committed per 
             steps, so this weights points as decoding does. On the demo it matched measured steps
             to within 1%, while the uniform estimate was off by up to 23%.
 
-The stored form is the ranks themselves (per sequence, one character per rank), from which both
-are computed.
+Lookup candidates come from the same calibration sequences (tuning/calibrate.lookup_runs): at
+point s, lookup_runs[s] is how many of the tokens prompt lookup proposes after target[s] match the
+target in a row (capped at MAX_LOOKUP). A hybrid tree accepts at s the deeper of its mask path and
+min(run, n) lookup tokens, which is what the step's walk takes. Lookup nodes carry mask groups
+(bita/tree.py), so every step has mask drafts whatever its last stop was and points stay
+independent, as the replay assumes. (The replay's first step accepts nothing; a lookup chain
+could already accept there, so hybrid and lookup-only taus are slightly underestimated.)
+
+The stored form is the ranks themselves (per sequence, one character per rank) and the lookup
+runs (one digit per point), from which both are computed.
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ MISS = -1
 # One character per rank in the stored form: ranks 0..35, and '.' for a miss.
 DIGITS = string.digits + string.ascii_lowercase
 MISS_CHAR = "."
+# Lookup runs are counted up to this many tokens; the candidates' chains are at most this long.
+MAX_LOOKUP = 8
+# Lookup chain lengths offered beside every mask tree, and alone.
+LOOKUP_LENGTHS = (2, 4, 6, 8)
 
 
 def _path_order(count: int, path: Path) -> tuple[int, int, Path]:
@@ -55,10 +67,13 @@ class AcceptanceStats:
       max_rank: R_max, ranks 0 .. R_max - 1 are tracked; higher ones are misses.
       sequences: per calibration sequence, ranks [A, M] int8 of its A drafting points in order
         (A = target length - 1: every point but the last token's).
+      lookup_runs: per sequence, [A] int8 target tokens prompt lookup proposes right in a row at
+        each point (0..MAX_LOOKUP); None: not calibrated (statistics written before lookup).
     """
 
     max_rank: int
     sequences: tuple[np.ndarray, ...]
+    lookup_runs: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self):
         if not 1 <= self.max_rank <= len(DIGITS):
@@ -67,18 +82,33 @@ class AcceptanceStats:
             raise ConfigError("acceptance statistics need sequences of ranks [A, M] with one M")
         if self.num_points == 0 or self.num_masks == 0:
             raise ConfigError("acceptance statistics need at least one drafting point and one mask")
+        if self.lookup_runs is not None and [len(r) for r in self.lookup_runs] != [
+            len(s) for s in self.sequences
+        ]:
+            raise ConfigError("lookup runs need one run per drafting point of every sequence")
 
     @classmethod
-    def from_ranks(cls, ranks: np.ndarray | Sequence[np.ndarray], max_rank: int) -> "AcceptanceStats":
+    def from_ranks(
+        cls,
+        ranks: np.ndarray | Sequence[np.ndarray],
+        max_rank: int,
+        lookup_runs: Sequence[np.ndarray] | None = None,
+    ) -> "AcceptanceStats":
         """Args:
         ranks: one sequence's ranks [A, M], or a list of them; ranks outside [0, R_max) are misses.
         max_rank: R_max.
+        lookup_runs: optional, per sequence [A] lookup runs (clipped to MAX_LOOKUP).
         """
         arrays = [np.asarray(ranks)] if isinstance(ranks, np.ndarray) else [np.asarray(r) for r in ranks]
         if any(r.ndim != 2 for r in arrays):
             raise ConfigError("ranks must be [A, M] arrays")
         folded = tuple(np.where((r >= 0) & (r < max_rank), r, MISS).astype(np.int8) for r in arrays)
-        return cls(int(max_rank), folded)
+        runs = None
+        if lookup_runs is not None:
+            runs = tuple(
+                np.clip(np.asarray(r).reshape(-1), 0, MAX_LOOKUP).astype(np.int8) for r in lookup_runs
+            )
+        return cls(int(max_rank), folded, runs)
 
     @property
     def num_masks(self) -> int:
@@ -112,10 +142,13 @@ class AcceptanceStats:
         return self.counts.get(tuple(path), 0) / self.num_points
 
     def expected_tokens(self, tree: DraftTree) -> float:
-        """Uniform tau(tree): 1 (the bonus token) + the sum of the nodes' acceptance probabilities.
+        """Uniform tau(tree): 1 (the bonus token) + the sum of the nodes' acceptance probabilities
+        (for a hybrid tree: + the mean drafts accepted over all points, mask and lookup overlap).
 
         Nodes with a rank >= max_rank count 0, so tau is a lower bound for such trees.
         """
+        if tree.lookup:
+            return 1.0 + float(self.accepted_drafts(tree).mean())
         return 1.0 + sum(self.probability(p) for p in tree.paths)
 
     # ---- the replayed estimate ----------------------------------------------------------------
@@ -136,13 +169,19 @@ class AcceptanceStats:
         """[E] drafts the tree accepts at each point: the deepest tree path its ranks follow.
 
         The tree is ancestor-closed, so a followed path of length l implies its prefixes are followed.
+        A lookup chain of n accepts min(run, n) where the mask path accepts less.
         """
         accepted = np.zeros(self.num_points, np.int64)
-        for m in range(min(tree.depth, self.num_masks)):
+        for m in range(min(tree.mask_depth, self.num_masks)):
             level = [p for p in tree.paths if len(p) == m + 1 and max(p) < self.max_rank]
             codes = [functools.reduce(lambda k, c: k * self.max_rank + c, p, 0) for p in level]
             hit = np.isin(self._path_keys[:, m], codes)
             accepted = np.where(hit, m + 1, accepted)
+        if tree.lookup:
+            if self.lookup_runs is None:
+                raise ConfigError("these statistics have no lookup runs: run `python -m bita_jax.tune` again")
+            runs = np.concatenate(self.lookup_runs).astype(np.int64)
+            accepted = np.maximum(accepted, np.minimum(runs, tree.lookup))
         return accepted
 
     def replayed_steps(self, tree: DraftTree) -> np.ndarray:
@@ -207,7 +246,9 @@ class AcceptanceStats:
     def best_trees(self, max_rows: int) -> list[tuple[DraftTree, float]]:
         """(tree, replayed tau) candidates for the choice: for each depth cap 1..M and each budget n
         up to the observed paths, the best tree by the uniform estimate, if its step fits max_rows
-        rows; duplicates dropped. Sorted by rows, then tau descending."""
+        rows; duplicates dropped. With lookup runs, also each of those with a lookup chain of
+        every LOOKUP_LENGTHS length, and the chains alone, where they fit. Sorted by rows, then tau
+        descending."""
         found: dict[tuple[Path, ...], DraftTree] = {}
         for cap in range(1, self.num_masks + 1):
             ranked = self.ranked_paths(cap)
@@ -216,7 +257,11 @@ class AcceptanceStats:
                 if tree.num_rows > max_rows:
                     break  # rows grow with n at a fixed cap (depth never shrinks)
                 found.setdefault(tree.paths, tree)
-        scored = [(tree, self.replayed_tokens(tree)) for tree in found.values()]
+        trees = list(found.values())
+        if self.lookup_runs is not None:
+            hybrids = [t.with_lookup(n) for t in [DraftTree((), 1), *trees] for n in LOOKUP_LENGTHS]
+            trees += [t for t in hybrids if t.num_rows <= max_rows]
+        scored = [(tree, self.replayed_tokens(tree)) for tree in trees]
         return sorted(scored, key=lambda c: (c[0].num_rows, -c[1]))
 
     # ---- JSON ----------------------------------------------------------------------------------
@@ -224,11 +269,14 @@ class AcceptanceStats:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON: per sequence one string of A * M characters (rank digits 0-9a-z, '.' a miss)."""
         chars = np.asarray(list(DIGITS) + [MISS_CHAR])  # index -1 is the miss character
-        return {
+        out = {
             "max_rank": self.max_rank,
             "num_masks": self.num_masks,
             "sequences": ["".join(chars[s.reshape(-1)]) for s in self.sequences],
         }
+        if self.lookup_runs is not None:
+            out["lookup_runs"] = ["".join(DIGITS[r] for r in runs) for runs in self.lookup_runs]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "AcceptanceStats":
@@ -240,7 +288,10 @@ class AcceptanceStats:
                 np.asarray([value[c] for c in text], np.int8).reshape(-1, num_masks)
                 for text in data["sequences"]
             ]
-            return cls.from_ranks(sequences, int(data["max_rank"]))
+            runs = data.get("lookup_runs")
+            if runs is not None:
+                runs = [np.asarray([value[c] for c in text], np.int8) for text in runs]
+            return cls.from_ranks(sequences, int(data["max_rank"]), runs)
         except (KeyError, TypeError, ValueError):
             raise ConfigError(
                 "malformed acceptance statistics (expected max_rank, num_masks and rank strings)"

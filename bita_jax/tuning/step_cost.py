@@ -36,12 +36,12 @@ def current_device_kind() -> str:
 
 
 def ladder_trees(num_masks: int, max_rows: int) -> list[DraftTree]:
-    """Trees of about doubling rows, from the smallest (1 node: 4 rows) up to max_rows.
+    """Trees of about doubling rows, from the smallest (a one-token lookup chain: 2 rows) up to max_rows.
 
-    N = 1, 2, 4, ... nodes at depth min(N, M): a rank-0 chain of that depth plus level-0 siblings.
-    Only their row counts matter (the step's cost is set by its shapes).
+    Then N = 1, 2, 4, ... mask nodes at depth min(N, M): a rank-0 chain of that depth plus level-0
+    siblings. Only their row counts matter (the step's cost is set by its shapes).
     """
-    trees = []
+    trees = [DraftTree((), 1)] if max_rows >= 2 else []
     num_nodes = 1
     while True:
         depth = min(num_nodes, num_masks)
@@ -52,7 +52,7 @@ def ladder_trees(num_masks: int, max_rows: int) -> list[DraftTree]:
         trees.append(tree)
         num_nodes *= 2
     if not trees:
-        raise ConfigError(f"max_rows {max_rows} is below the smallest tree step (4 rows)")
+        raise ConfigError(f"max_rows {max_rows} is below the smallest tree step (2 rows)")
     return trees
 
 

@@ -55,12 +55,13 @@ def calibration_examples(
 
 
 def acceptance_statistics(model: Model, examples: list[data.Example], max_rank: int) -> AcceptanceStats:
-    """Teacher-forcing ranks of every drafting point of the examples, as statistics."""
+    """Teacher-forcing ranks and lookup runs of every drafting point of the examples, as statistics."""
     longest = max(len(e.source) + len(e.target) for e in examples)
     ranks = calibrate.teacher_forced_ranks(
         model.config, model.params, model.adapter, examples, max_length=longest
     )
-    return AcceptanceStats.from_ranks(ranks, max_rank)
+    runs = calibrate.lookup_runs(examples, model.config.vocab_size)
+    return AcceptanceStats.from_ranks(ranks, max_rank, runs)
 
 
 def with_exact_rows(costs: StepCosts, extra: StepCosts) -> StepCosts:
@@ -136,14 +137,14 @@ def stored(store: TreeStore | None, stats: AcceptanceStats, device_kind: str, dt
 def shown_trees(tuning: Tuning, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> list[Prediction]:
     """The table's trees: per node budget the candidate with the most predicted tokens/s, and the
     best tree overall; by rows."""
-    shown: dict[tuple, Prediction] = {}
+    shown: dict[DraftTree, Prediction] = {}
     for n in budgets:
         fitting = [p for p in tuning.predictions if p.tree.num_nodes == n]
         if fitting:
             best = max(fitting, key=lambda p: p.tokens_per_s)
-            shown[best.tree.paths] = best
+            shown[best.tree] = best
     if tuning.choice.best_tree is not None:
-        shown[tuning.choice.best_tree.tree.paths] = tuning.choice.best_tree
+        shown[tuning.choice.best_tree.tree] = tuning.choice.best_tree
     return sorted(shown.values(), key=lambda p: p.rows)
 
 
@@ -154,7 +155,7 @@ def measured_speed(model: Model, prompts: list[str], tree: DraftTree | None, bat
     if tree is None:
         options = {"mode": "ar"}
     else:
-        options = {"mode": "bita", "tree": json.dumps([list(p) for p in tree.paths])}
+        options = {"mode": "bita", "tree": tree.spec}
     seconds = []
     for _ in range(runs):
         run = model.run(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **options)

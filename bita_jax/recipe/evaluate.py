@@ -31,6 +31,15 @@ def mask_accuracy(ranks: list[np.ndarray]) -> list[float]:
     return [float(np.mean(points[points[:, m] >= 0, m] == 0)) for m in range(points.shape[1])]
 
 
+def rank_summary(ranks: list[np.ndarray], trees: dict[str, DraftTree]) -> dict[str, Any]:
+    """{"mask_acc": [M], "tau": {name: replayed tau}} of teacher-forced ranks [A, M] per example."""
+    stats = AcceptanceStats.from_ranks(ranks, MAX_RANK)
+    return {
+        "mask_acc": [round(a, 4) for a in mask_accuracy(ranks)],
+        "tau": {name: round(stats.replayed_tokens(tree), 4) for name, tree in trees.items()},
+    }
+
+
 def heldout_evaluator(
     config: ModelConfig,
     base: Any,
@@ -48,10 +57,6 @@ def heldout_evaluator(
 
     def evaluate(adapter) -> dict[str, Any]:
         ranks = teacher_forced_ranks(config, base, adapter, cut, max_groups=num_points, max_length=longest)
-        stats = AcceptanceStats.from_ranks(ranks, MAX_RANK)
-        return {
-            "mask_acc": [round(a, 4) for a in mask_accuracy(ranks)],
-            "tau": {name: round(stats.replayed_tokens(tree), 4) for name, tree in trees.items()},
-        }
+        return rank_summary(ranks, trees)
 
     return evaluate

@@ -17,19 +17,16 @@ import os
 import platform
 from typing import Any
 
-import numpy as np
-
 from bita_jax import api
 from bita_jax.bita.tree import parse_tree
 from bita_jax.errors import UserError
 from bita_jax.io.paths import writing
+from bita_jax.recipe.evaluate import rank_summary
 from bita_jax.recipe.pipeline import RecipeConfig, path
 from bita_jax.training import data
-from bita_jax.tuning.stats import AcceptanceStats
-from bita_jax.tuning.tuner import acceptance_statistics
+from bita_jax.tuning.calibrate import teacher_forced_ranks
 
 REPORT_TREES = ("auto", "upper:5", "chain")
-MAX_RANK = 8
 
 
 def evaluation_prompts(file: str, count: int) -> list[str]:
@@ -72,20 +69,16 @@ def identical(outputs: list[list[int]], reference: list[list[int]]) -> int:
 
 
 def replay(model: api.Model, prompt_ids: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
-    """Replayed tau per tree and per-level acceptance from teacher-forced ranks on the AR outputs."""
+    """Replayed tau per tree and mask accuracy from teacher-forced ranks on the AR outputs."""
     examples = [data.Example(tuple(p), tuple(o)) for p, o in zip(prompt_ids, outputs, strict=True) if len(o) > 1]
-    stats: AcceptanceStats = acceptance_statistics(model, examples, MAX_RANK)
+    longest = max(len(e.source) + len(e.target) for e in examples)
+    ranks = teacher_forced_ranks(model.config, model.params, model.adapter, examples, max_length=longest)
     M = model.bita_config.num_mask_tokens
     trees = {spec: parse_tree(spec, M) for spec in REPORT_TREES if spec != "auto"}
     auto = model.auto_tree(1).tree
     if auto is not None:
         trees["auto"] = auto
-    points = np.concatenate(stats.sequences)
-    return {
-        "mask_acc": [float(np.mean(points[points[:, m] != -1, m] == 0)) for m in range(M)],
-        "tau": {name: stats.replayed_tokens(tree) for name, tree in trees.items()},
-        "auto_tree": None if auto is None else auto.describe(),
-    }
+    return {**rank_summary(ranks, trees), "auto_tree": None if auto is None else auto.describe()}
 
 
 def stage_report(cfg: RecipeConfig) -> str:

@@ -25,13 +25,21 @@ MAX_NEW = max(BUDGETS)
 TREE = parse_tree("upper:4", 3)
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def peaked(tmp_path_factory, request):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("engine")), seed=0, initializer_range=0.2)
+
+
+def load(path, dtype):
     """(config, params, adapter) of a tiny model with peaked logits; bf16 weights run the exact policy."""
-    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp("engine")), seed=0, initializer_range=0.2)
-    config = hf.load_config(path, scan_layers=False, dtype=request.param, activation_dtype="float32")
+    config = hf.load_config(path, scan_layers=False, dtype=dtype, activation_dtype="float32")
     params = hf.load_params(path, config)
     return config, params, bita_adapter.init_adapter(config, BITA, jax.random.key(1))
+
+
+@pytest.fixture(scope="module")
+def peaked(checkpoint):
+    return load(checkpoint, "float32")
 
 
 def static_ids(config, params, sampler, seed, tree=None, adapter=None):
@@ -94,10 +102,21 @@ def test_insert_equals_fresh_prefill(peaked):
     assert gen.num_generated.tolist() == [0, 0, 0, 0] and state.budget.tolist() == [6, 0, 5, 4]
 
 
-@pytest.mark.parametrize("sampler", [Sampler(), Sampler(0.8, top_p=0.9)], ids=["greedy", "sampled"])
-@pytest.mark.parametrize("mode", ["ar", "bita"])
-def test_ids_equal_static_for_any_order_and_slots(peaked, sampler, mode):
-    config, params, adapter = peaked
+SAMPLED = Sampler(0.8, top_p=0.9)
+
+
+@pytest.mark.parametrize(
+    "dtype, mode, sampler, slot_counts",
+    [
+        ("float32", "ar", Sampler(), (1, 4)),
+        ("float32", "ar", SAMPLED, (3,)),
+        ("float32", "bita", Sampler(), (3,)),
+        ("float32", "bita", SAMPLED, (1, 4)),
+        ("bfloat16", "bita", SAMPLED, (3,)),
+    ],
+)
+def test_ids_equal_static_for_any_order_and_slots(checkpoint, peaked, dtype, mode, sampler, slot_counts):
+    config, params, adapter = peaked if dtype == "float32" else load(checkpoint, dtype)
     tree = TREE if mode == "bita" else None
     weights = params if tree is None else (params, adapter)
     seed = 5
@@ -106,7 +125,7 @@ def test_ids_equal_static_for_any_order_and_slots(peaked, sampler, mode):
         assert expected == static_ids(config, params, sampler, seed)
     assert [len(ids) for ids in expected] == BUDGETS  # no EOS in this model's output
     rng = np.random.default_rng(0)
-    for slots in (1, 3, 4):
+    for slots in slot_counts:
         engine = make_engine(config, tree, sampler, slots)
         orders = [list(range(len(PROMPTS))), list(rng.permutation(len(PROMPTS)))]
         for order in orders:

@@ -6,10 +6,16 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --compare     # --tree auto
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:5 --compare
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
+  python decode.py --model DIR --prompt "def add(a, b):" --stream
 
-Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds; for bita `steps` counts tree steps) as each batch finishes, and prints a short summary.
-An interrupted run keeps its finished records; --resume decodes only the prompts they lack.
+Decodes with continuous batching: --batch-size slots, each refilled with the next prompt as soon as
+its prompt finishes (--batching static decodes batches that wait for their slowest prompt; the
+outputs are the same). A "max_new_tokens" in a prompts-file record overrides the flag for that
+prompt. Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens,
+steps, seconds; for bita `steps` counts tree steps) in input order, each as soon as it and every
+earlier prompt are finished, and prints a short summary. An interrupted run keeps its finished
+records; --resume decodes only the prompts they lack. --stream prints one prompt's completion as
+it grows.
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
 speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
 default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,
@@ -25,9 +31,10 @@ from tqdm import tqdm
 
 from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
-from bita_jax.cli.files import RecordWriter, finished_records, read_prompts
+from bita_jax.cli.files import RecordWriter, finished_records, read_prompt_records
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES, PRECISIONS
+from bita_jax.decoding.engine import BATCHING, CHUNK_STEPS
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.io.paths import check_output_file
 from bita_jax.tuning.auto import AUTO
@@ -77,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--batching",
+        choices=BATCHING,
+        default="continuous",
+        help="continuous: refill each slot as its prompt finishes; static: each batch waits for its "
+        "slowest prompt",
+    )
+    parser.add_argument("--chunk-steps", type=int, default=CHUNK_STEPS, help="decoding steps per host sync")
+    parser.add_argument("--ignore-eos", action="store_true", help="decode max_new_tokens whatever is emitted")
+    parser.add_argument(
+        "--stream", action="store_true", help="print the completion of a single prompt as it grows (stdout)"
+    )
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -100,14 +119,16 @@ def decoding_mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def prompt_texts(args) -> list[str]:
+def prompt_texts(args) -> tuple[list[str], list[int]]:
+    """The prompts and each one's max_new_tokens (a prompts-file record's own, else the flag)."""
     if args.prompt and args.prompts:
         raise UserError("give either --prompt or --prompts, not both")
     if args.prompts:
-        return read_prompts(args.prompts)
+        records = read_prompt_records(args.prompts)
+        return [r["prompt"] for r in records], [r.get("max_new_tokens", args.max_new_tokens) for r in records]
     if not args.prompt:
         raise UserError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
-    return args.prompt
+    return args.prompt, [args.max_new_tokens] * len(args.prompt)
 
 
 def fastest_of_two(model: api.Model, texts: list[str], first: api.Run, **options) -> api.Run:
@@ -131,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not args.output:
         raise UserError("--resume needs --output FILE")
     mode = decoding_mode(args)
-    texts = prompt_texts(args)
+    texts, budgets = prompt_texts(args)
+    if args.stream and len(texts) != 1:
+        raise UserError(f"--stream prints one prompt's completion, got {len(texts)} prompts")
     done, offset = [], 0
     if args.output:  # before anything is loaded: a bad --output must not cost a model load
         check_output_file(args.output)
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if done:
         print(f"resuming: {len(done)} of {len(texts)} prompts already in {args.output}", file=sys.stderr)
-    texts = texts[len(done) :]
+    texts, budgets = texts[len(done) :], budgets[len(done) :]
     model = api.load(
         args.model,
         adapter=args.adapter if mode == "bita" else None,
@@ -152,22 +175,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     tree = args.tree or AUTO
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree,
+        max_new_tokens=budgets, batch_size=args.batch_size, chat=args.chat, tree=tree,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        batching=args.batching, ignore_eos=args.ignore_eos, chunk_steps=args.chunk_steps,
     )  # fmt: skip
     model.check(texts, mode=mode, **options)  # bad input fails before the progress bar shows
-    # Records own stdout unless --output is given; reports go wherever they do not.
+    # Records (or the --stream text) own stdout unless --output is given; reports go wherever they do not.
     out = sys.stdout if args.output else sys.stderr
-    writer = RecordWriter(args.output, offset)
+    writer = RecordWriter(args.output, offset) if args.output or not args.stream else None
 
     def batch_done(records: list[dict]) -> None:
-        writer.write(records)
+        if writer is not None:
+            writer.write(records)
         progress.update(len(records))
+
+    def print_delta(delta: api.Delta) -> None:
+        sys.stdout.write(delta.text + ("\n" if delta.done else ""))
+        sys.stdout.flush()
 
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
-        run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
-        writer.close()
+        run = model.run(
+            texts, mode=mode, on_batch=batch_done, first_index=len(done),
+            on_delta=print_delta if args.stream else None, **options,
+        )  # fmt: skip
+        if writer is not None:
+            writer.close()
         if run.mode == "bita":
             tree_line = run.auto.note() if run.auto else f"tree {tree}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)

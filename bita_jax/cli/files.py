@@ -26,7 +26,13 @@ def read_text_lines(path: str, what: str) -> list[str]:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts from a jsonl file whose lines are objects with a string "prompt"; blank lines skipped."""
-    prompts = []
+    return [record["prompt"] for record in read_prompt_records(path)]
+
+
+def read_prompt_records(path: str) -> list[dict[str, Any]]:
+    """The records of a prompts jsonl file: objects with a string "prompt" and optionally an integer
+    "max_new_tokens" (>= 1) that overrides the flag for that prompt; blank lines skipped."""
+    records = []
     for number, line in enumerate(read_text_lines(path, "prompts file"), start=1):
         if not line.strip():
             continue
@@ -36,10 +42,13 @@ def read_prompts(path: str) -> list[str]:
             raise UserError(f"{path} line {number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UserError(f'{path} line {number}: expected an object with a string "prompt"')
-        prompts.append(record["prompt"])
-    if not prompts:
+        budget = record.get("max_new_tokens", 1)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise UserError(f'{path} line {number}: "max_new_tokens" must be an integer >= 1, got {budget!r}')
+        records.append(record)
+    if not records:
         raise UserError(f"{path} holds no prompts")
-    return prompts
+    return records
 
 
 def finished_records(path: str, prompts: list[str], resume: bool) -> tuple[list[dict[str, Any]], int]:

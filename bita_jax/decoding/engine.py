@@ -36,7 +36,7 @@ from bita_jax.bita.tree import DraftTree
 from bita_jax.config import ModelConfig
 from bita_jax.decoding import loop
 from bita_jax.decoding.cache import CACHE_AXES, KVCache
-from bita_jax.decoding.runner import CompiledByShape, Generation, pad_batch, prompt_bucket
+from bita_jax.decoding.runner import Generation, pad_batch, prompt_bucket
 from bita_jax.decoding.sampling import GREEDY, Sampler
 from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
@@ -245,29 +245,21 @@ class Engine:
         self.config, self.tree, self.slots, self.chunk_steps = config, tree, slots, chunk_steps
         self.max_len, self.max_new = max_len, max_new
         self._empty = jax.jit(lambda: empty_state(config, tree, slots, max_len, max_new))
-        self._insert = CompiledByShape(
-            jax.jit(functools.partial(insert, model, tree), donate_argnums=(0,))
-        )
-        self._chunk = CompiledByShape(
-            jax.jit(functools.partial(chunk, model, tree, policy), donate_argnums=(0,))
-        )
-
-    @property
-    def compile_seconds(self) -> float:
-        return self._insert.compile_seconds + self._chunk.compile_seconds
+        # Plain jit (not ahead-of-time executables): under a mesh the state's shardings are the
+        # compiler's choice, and a call with other shardings recompiles (and is counted) instead
+        # of failing.
+        self._insert = jax.jit(functools.partial(insert, model, tree), donate_argnums=(0,))
+        self._chunk = jax.jit(functools.partial(chunk, model, tree, policy), donate_argnums=(0,))
+        self.compile_seconds = 0.0  # of the warm-ups that compiled something
 
     @property
     def compiles(self) -> int:
-        return len(self._insert.executables) + len(self._chunk.executables)
+        """Programs compiled so far (inserts and chunks)."""
+        return self._insert._cache_size() + self._chunk._cache_size()
 
     def _params(self, weights):
         """The base params of the weights (AR: params; BiTA: (params, adapter))."""
         return weights if self.tree is None else weights[0]
-
-    def fits(self, prompt_len: int, budget: int) -> bool:
-        """Whether a prompt and its budget fit this engine's cache and output."""
-        rows = 1 if self.tree is None else self.tree.step_rows
-        return budget <= self.max_new and prompt_bucket(prompt_len) + budget + 2 * rows <= self.max_len
 
     def _insert_args(self, prompts, budgets, indices, seed, slots, size=None):
         """insert's arrays for prompts into slots; `size` rows at the prompts' bucket, the
@@ -279,12 +271,17 @@ class Engine:
         return tokens, lens, streams, np.asarray((budgets + budgets[-1:] * size)[:size], np.int32), slots
 
     def warm_up(self, weights, buckets) -> SlotState:
-        """Compiles insert for every (size, bucket) and the chunk; returns a fresh empty state."""
+        """Compiles insert for every prompt bucket and the chunk by running them on a fresh empty
+        state (an insert into slot B and a chunk of 0 steps change nothing); returns the state."""
+        t0, compiles = time.perf_counter(), self.compiles
         state = self._empty()
         for bucket in sorted(set(buckets)):
-            args = self._insert_args([[0] * bucket], [1], [0], 0, [0])
-            self._insert.prepare(state, self._params(weights), *args)
-        self._chunk.prepare(state, weights, np.int32(1), np.bool_(False))
+            args = self._insert_args([[0] * bucket], [1], [0], 0, [self.slots])
+            state = self._insert(state, self._params(weights), *args)
+            state = self._chunk(state, weights, np.int32(0), np.bool_(False))
+        state = jax.block_until_ready(state)
+        if self.compiles > compiles:
+            self.compile_seconds += time.perf_counter() - t0
         return state
 
     def events(
@@ -300,7 +297,8 @@ class Engine:
         """Decodes prompts, yielding each chunk's events (prompts that got tokens, in slot order).
 
         Args:
-          prompts: token ids per prompt (each fits: see `fits`), decoded in this order.
+          prompts: token ids per prompt, decoded in this order; each prompt's bucket plus its
+            budget and two steps' rows fit max_len, and its budget fits max_new.
           budgets: max_new_tokens per prompt.
           indices: each prompt's index in the user's input: with the seed, its noise key.
           batching: "continuous" refills a slot as soon as it frees; "static" refills only when
@@ -353,7 +351,8 @@ class Engine:
                 seen[b] = int(num[b])
                 event = Event(i, new)
                 if done[b]:
-                    event.generation = Generation(output[b, : num[b]].tolist(), int(row_steps[b]), charged[i])
+                    ids = output[b, : num[b]].tolist()
+                    event.generation = Generation(ids, int(row_steps[b]), charged[i])
                     stats.slot_steps += int(row_steps[b])
                     event.accepted_per_level = levels[0][b].copy() if levels else None
                     holder[b] = None

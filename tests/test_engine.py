@@ -2,6 +2,8 @@
 today's static loop whatever the arrival order, slot, neighbours and budgets (greedy and sampled, AR
 and BiTA, 1/3/4 slots, f32 and bf16 exact); BiTA equals AR; no compile after warm-up."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -138,8 +140,6 @@ def test_eos_inside_a_step_and_utilisation(peaked):
     config, params, adapter = peaked
     truth = static_ids(config, params, Sampler(), 0)
     eos = truth[0][3]
-    import dataclasses
-
     config = dataclasses.replace(config, eos_token_ids=(eos,), pad_token_id=config.pad_id)
     expected = static_ids(config, params, Sampler(), 0)
     assert expected[0][-1] == eos and len(expected[0]) == 4

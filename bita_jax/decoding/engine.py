@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import functools
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import flax.linen as nn
 import flax.struct

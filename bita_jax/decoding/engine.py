@@ -275,7 +275,8 @@ class Engine:
         state (an insert into slot B and a chunk of 0 steps change nothing); returns the state."""
         t0, compiles = time.perf_counter(), self.compiles
         state = self._empty()
-        for bucket in sorted(set(buckets)):
+        buckets = sorted(set(buckets))
+        for bucket in buckets + buckets[:1]:  # insert on an empty state and on a chunk's output
             args = self._insert_args([[0] * bucket], [1], [0], 0, [self.slots])
             state = self._insert(state, self._params(weights), *args)
             state = self._chunk(state, weights, np.int32(0), np.bool_(False))

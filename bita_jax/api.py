@@ -4,8 +4,10 @@
     model = bita_jax.load("MODEL_DIR", adapter="ADAPTER_DIR", dtype="float32")
     records = model.generate(["def add(a, b):"], max_new_tokens=64, mode="bita", tree="auto")
 
-`generate` returns the records decode.py writes, in input order. Compiled generate functions are
-cached on the Model, so a second call with the same shapes does not compile again.
+`generate` returns the records decode.py writes, in input order; `stream` yields each prompt's new
+tokens and text as they are committed. Both run on the slot engine (decoding/engine.py: continuous
+batching by default). Compiled engines are cached on the Model, so a second call with the same
+shapes does not compile again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -21,6 +23,7 @@ from jax.sharding import Mesh
 from bita_jax.bita.adapter import Adapter, place_adapter
 from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
+from bita_jax.decoding import engine as slot_engine
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler, ignored_options, used_options
 from bita_jax.errors import ConfigError, PromptError
@@ -57,6 +60,27 @@ class Run:
     accepted_per_level: np.ndarray | None = None
     accepted_lookup: np.ndarray | None = None
     auto: AutoTree | None = None
+    stats: slot_engine.EngineStats | None = None
+
+
+@dataclasses.dataclass
+class Delta:
+    """New output of one prompt, as `Model.stream` yields it.
+
+    Attributes:
+      index: the prompt's position in the prompts given.
+      token_ids: ids committed since the prompt's last delta (cut at EOS and max_new_tokens).
+      text: the text they add; a character is held back until it is complete (and, for
+        tokenizers that clean up spaces, the last word until the next one starts). The texts of a
+        prompt's deltas concatenate to its record's completion.
+      done: the prompt is finished; `record` is then its output record.
+    """
+
+    index: int
+    token_ids: list[int]
+    text: str
+    done: bool
+    record: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +88,8 @@ class GenerateOptions:
     """Options of `Model.generate` / `Model.run`.
 
     Attributes:
-      max_new_tokens: new tokens per prompt at most (rows also stop at EOS).
+      max_new_tokens: new tokens per prompt at most (rows also stop at EOS): one number, or one
+        per prompt.
       mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
         prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
       tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype
@@ -77,9 +102,14 @@ class GenerateOptions:
         top_k (0: off) and top_p (1: off), as transformers' `generate` does. BiTA's sampled output
         equals AR's for the same options and seed.
       seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
+      batching: "continuous" refills a slot as soon as its prompt finishes; "static" decodes
+        batches of batch_size prompts, each until its slowest prompt finishes. Outputs are equal.
+      ignore_eos: decode max_new_tokens per prompt whatever it emits (benchmarks).
+      chunk_steps: decoding steps per host sync (a chunk also ends when a slot frees while prompts
+        wait).
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: int | Sequence[int] = 128
     mode: str | None = None
     tree: str = AUTO
     batch_size: int = 1
@@ -88,6 +118,9 @@ class GenerateOptions:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    batching: str = "continuous"
+    ignore_eos: bool = False
+    chunk_steps: int = slot_engine.CHUNK_STEPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +131,8 @@ class _Plan:
       mode: "ar", "bita" or "lookup" (AR also when tree="auto" chose AR).
       tree: the draft tree, None for AR.
       auto: what tree="auto" resolved to; None when another tree or AR was asked for.
-      prompt_ids: the encoded prompts; batch_size: after clamping to the prompts.
+      prompt_ids: the encoded prompts; budgets: max_new_tokens per prompt; batch_size: after
+        clamping to the prompts.
     """
 
     mode: str
@@ -106,6 +140,7 @@ class _Plan:
     auto: AutoTree | None
     sampler: Sampler
     prompt_ids: list[list[int]]
+    budgets: list[int]
     batch_size: int
 
 
@@ -122,9 +157,9 @@ class Model:
     adapter_dir: str | None = None  # its trees.json is read when tree="auto" first needs it
     _tree_store: TreeStore | None = dataclasses.field(default=None, repr=False)
     _auto: dict[int, AutoTree] = dataclasses.field(default_factory=dict, repr=False)  # batch -> auto
-    # Compiled generate functions by (mode, tree, max_new_tokens, sampler); each holds one
-    # executable per input shape.
-    _compiled: dict[Any, runner.CompiledByShape] = dataclasses.field(default_factory=dict, repr=False)
+    # Slot engines by (mode, tree, sampler, slots, cache length, output room, EOS, chunk steps);
+    # each holds its compiled chunk and inserts.
+    _engines: dict[Any, slot_engine.Engine] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def tree_store(self) -> TreeStore | None:
@@ -187,9 +222,21 @@ class Model:
             else:
                 draft_tree = parse_tree(options.tree, self.bita_config.num_mask_tokens)
                 draft_tree.check_vocab(self.config.vocab_size)
+        if options.batching not in slot_engine.BATCHING:
+            raise ConfigError(f"batching must be one of {slot_engine.BATCHING}, got {options.batching!r}")
+        if not isinstance(options.chunk_steps, int) or options.chunk_steps < 1:
+            raise ConfigError(f"chunk_steps must be an integer >= 1, got {options.chunk_steps!r}")
+        budgets = options.max_new_tokens
+        budgets = [budgets] * len(prompts) if isinstance(budgets, (int, np.integer)) else list(budgets)
+        if len(budgets) != len(prompts):
+            raise ConfigError(f"max_new_tokens has {len(budgets)} entries for {len(prompts)} prompts")
+        for budget in budgets:
+            if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+                raise ConfigError(f"max_new_tokens must be an integer, got {budget!r}")
+        budgets = [int(b) for b in budgets]
         prompt_ids = self.encode(prompts, options.chat)
-        runner.check_lengths(self.config, [len(p) for p in prompt_ids], options.max_new_tokens)
-        return _Plan(mode, draft_tree, auto, sampler, prompt_ids, batch_size)
+        runner.check_lengths(self.config, [len(p) for p in prompt_ids], budgets)
+        return _Plan(mode, draft_tree, auto, sampler, prompt_ids, budgets, batch_size)
 
     def auto_tree(self, batch_size: int) -> AutoTree:
         """What tree="auto" decodes with at this batch size (resolved once per Model and batch size).
@@ -213,99 +260,157 @@ class Model:
         prompts: list[str],
         on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
         first_index: int = 0,
+        on_delta: Callable[[Delta], None] | None = None,
         **options,
     ) -> Run:
         """Decodes prompts with AR or BiTA.
 
         Args:
           prompts: prompt texts.
-          on_batch: called with each finished batch's records, in input order (to write them
-            out at once).
+          on_batch: called with finished records in input order, as soon as every earlier
+            prompt is finished too (to write them out at once).
           first_index: the index of prompts[0] in the whole input (a resumed run continues a
             longer list); with the seed it keys each prompt's sampling noise.
+          on_delta: called with each prompt's new tokens and text as chunks land (see `stream`).
           **options: `GenerateOptions` fields (max_new_tokens, mode, tree, batch_size, chat,
-            temperature, top_k, top_p, seed); the batch size is clamped to the number of
-            prompts (rounded up to the mesh's data*fsdp).
+            temperature, top_k, top_p, seed, batching, ignore_eos, chunk_steps); the batch size is
+            clamped to the number of prompts (rounded up to the mesh's data*fsdp).
         """
-        options = GenerateOptions(**options)
+        options = _warn_ignored(GenerateOptions(**options))
+        deltas = self._decode(prompts, options, first_index, on_batch, on_delta is not None)
+        while True:
+            try:
+                delta = next(deltas)
+            except StopIteration as stop:
+                return stop.value
+            on_delta(delta)
+
+    def stream(self, prompts: list[str], first_index: int = 0, **options) -> Iterator[Delta]:
+        """Decodes prompts, yielding each prompt's new tokens and text as they are committed
+        (several prompts interleaved; options and first_index as in `run`). Options are checked
+        when the first delta is asked for."""
+        return self._decode(prompts, _warn_ignored(GenerateOptions(**options)), first_index, None, True)
+
+    def _engine(self, plan: _Plan, options: GenerateOptions) -> slot_engine.Engine:
+        """The cached engine for a plan: output room is the largest budget rounded up to a power
+        of two and the cache fits the longest prompt's bucket, so similar requests share it."""
+        tree = plan.tree if plan.mode != "ar" else None
+        rows = 1 if tree is None else tree.step_rows
+        max_new = runner.prompt_bucket(max(plan.budgets))
+        bucket = max(runner.prompt_bucket(len(p)) for p in plan.prompt_ids)
+        max_len = loop.cache_length(bucket, max_new, rows)
+        key = (tree, plan.sampler, plan.batch_size, max_len, max_new, bucket, options.ignore_eos,
+               options.chunk_steps)  # fmt: skip
+        if key not in self._engines:
+            config = slot_engine.no_eos(self.config) if options.ignore_eos else self.config
+            self._engines[key] = slot_engine.Engine(
+                config, tree, plan.sampler, slots=plan.batch_size, max_len=max_len, max_new=max_new,
+                max_prompt=bucket, chunk_steps=options.chunk_steps,
+            )  # fmt: skip
+        return self._engines[key]
+
+    def _decode(self, prompts, options: GenerateOptions, first_index: int, on_batch, text: bool):
+        """The engine's run as a generator of Deltas (with text when `text`); returns the Run."""
         plan = self._plan(prompts, options)
-        sampling = used_options(options.temperature, options.top_k, options.top_p, options.seed)
-        ignored = ignored_options(
-            options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed
-        )
-        if ignored:  # as transformers' generate does with do_sample=False
-            message = f"{', '.join(ignored)} ignored: temperature 0 decodes greedily (records omit them)"
-            warnings.warn(message, stacklevel=2)
         if not prompts:
             return Run(plan.mode, plan.sampler, [], [], 0.0, 0.0, plan.tree)
-        mode, draft_tree, policy, prompt_ids, batch_size = (
-            plan.mode,
-            plan.tree,
-            plan.sampler,
-            plan.prompt_ids,
-            plan.batch_size,
-        )
-        max_new_tokens = options.max_new_tokens
+        engine = self._engine(plan, options)
+        weights = self.params
+        if plan.mode != "ar":  # the tree step; a lookup-only tree needs no adapter
+            weights = (self.params, self.adapter if plan.tree.mask_depth else None)
+        compile_before = engine.compile_seconds
+        sampling = used_options(options.temperature, options.top_k, options.top_p, options.seed)
+        count = len(prompts)
+        generations: list[runner.Generation | None] = [None] * count
+        accepted: list[np.ndarray | None] = [None] * count
+        from_lookup: list[int | None] = [None] * count
+        texts = [_TextDeltas(self.tokenizer) for _ in range(count)] if text else None
+        written = 0  # records handed to on_batch, a prefix of the input
+        stats = slot_engine.EngineStats(plan.batch_size)
+        indices = list(range(first_index, first_index + count))
 
-        if mode != "ar":  # the tree step; a lookup-only tree needs no adapter
-            key = ("tree", draft_tree, max_new_tokens, policy)
-            make = lambda: loop.make_bita_generate(self.config, draft_tree, max_new_tokens, policy)  # noqa: E731
-            weights = (self.params, self.adapter if draft_tree.mask_depth else None)
-        else:
-            key = ("ar", max_new_tokens, policy)
-            make = lambda: loop.make_ar_generate(self.config, max_new_tokens, policy)  # noqa: E731
-            weights = self.params
-        if key not in self._compiled:
-            self._compiled[key] = runner.CompiledByShape(make())
-        compiled = self._compiled[key]
-        compile_before = compiled.compile_seconds
-        accepted, from_lookup = [], []
-        finished = 0  # prompts decoded so far
-
-        def batch_done(state, batch: list[runner.Generation]):
-            nonlocal finished
-            if mode != "ar":
-                accepted.append(np.asarray(state.extra.accepted_per_level)[: len(batch)])
-                from_lookup.append(np.asarray(state.extra.accepted_lookup)[: len(batch)])
-            if on_batch is not None:
-                done = slice(finished, finished + len(batch))
-                on_batch(result_records(self.tokenizer, prompts[done], prompt_ids[done], batch, sampling))
-            finished += len(batch)
+        def records(done: slice) -> list[dict[str, Any]]:
+            ids, budgets = plan.prompt_ids[done], plan.budgets[done]
+            return result_records(self.tokenizer, prompts[done], ids, budgets, generations[done], sampling)
 
         with mesh_rules(self.mesh):
-            generations, seconds = runner.generate(
-                compiled,
-                weights,
-                prompt_ids,
-                batch_size,
-                self.config.pad_id,
-                options.seed,
-                batch_done,
-                first_index,
+            events = engine.events(
+                weights, plan.prompt_ids, plan.budgets, indices, options.seed, options.batching, stats
             )
+            for chunk_events in events:
+                for event in chunk_events:
+                    i, done = event.index, event.generation is not None
+                    if done:
+                        generations[i], accepted[i] = event.generation, event.accepted_per_level
+                        from_lookup[i] = event.accepted_lookup
+                    if texts is not None:
+                        record = records(slice(i, i + 1))[0] if done else None
+                        yield Delta(i, event.token_ids, texts[i].add(event.token_ids, done), done, record)
+                finished = written
+                while finished < count and generations[finished] is not None:
+                    finished += 1
+                if on_batch is not None and finished > written:
+                    on_batch(records(slice(written, finished)))
+                written = finished
         return Run(
-            mode=mode,
-            sampler=policy,
-            records=result_records(self.tokenizer, prompts, prompt_ids, generations, sampling),
+            mode=plan.mode,
+            sampler=plan.sampler,
+            records=records(slice(0, count)),
             generations=generations,
-            seconds=seconds,
-            compile_seconds=compiled.compile_seconds - compile_before,
-            tree=draft_tree,
-            accepted_per_level=np.concatenate(accepted) if accepted else None,
-            accepted_lookup=np.concatenate(from_lookup) if from_lookup else None,
+            seconds=stats.seconds,
+            compile_seconds=engine.compile_seconds - compile_before,
+            tree=plan.tree,
+            accepted_per_level=np.stack(accepted) if plan.mode != "ar" else None,
+            accepted_lookup=np.asarray(from_lookup) if plan.mode != "ar" else None,
             auto=plan.auto,
+            stats=stats,
         )
+
+
+def _warn_ignored(options: GenerateOptions) -> GenerateOptions:
+    """Warns, as transformers' generate does with do_sample=False, about sampling options given
+    for a greedy decode (records omit them); returns the options."""
+    ignored = ignored_options(options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    if ignored:
+        message = f"{', '.join(ignored)} ignored: temperature 0 decodes greedily (records omit them)"
+        warnings.warn(message, stacklevel=3)
+    return options
+
+
+class _TextDeltas:
+    """Incremental detokenisation of one prompt: the text its new ids add, never half a character.
+
+    The whole output is decoded each time (so the pieces concatenate to `decode(all ids)`); a
+    trailing incomplete UTF-8 character (U+FFFD) is held back, and so is the last word, since a
+    tokenizer's space clean-up (" ." -> ".") may still change the space before it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def add(self, ids: list[int], final: bool) -> str:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+            text = text[: max(text.rfind(" "), 0)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
 
 
 def result_records(
     tokenizer: Tokenizer,
     texts: list[str],
     prompt_ids: list[list[int]],
+    budgets: list[int],
     generations: list[runner.Generation],
     sampling: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One output record per prompt, in input order, with the sampling options that made it
-    (`sampling.used_options`: temperature alone when greedy)."""
+    """One output record per prompt, in input order, with its max_new_tokens and the sampling
+    options that made it (`sampling.used_options`: temperature alone when greedy). `seconds` is
+    the prompt's share of the run's wall time: each chunk's time split over the prompts in it."""
     return [
         {
             "prompt": text,
@@ -313,11 +418,12 @@ def result_records(
             "prompt_ids": ids,
             "output_ids": gen.output_ids,
             "new_tokens": len(gen.output_ids),
+            "max_new_tokens": budget,
             "steps": gen.steps,
             "seconds": round(gen.seconds, 6),
             **sampling,
         }
-        for text, ids, gen in zip(texts, prompt_ids, generations, strict=True)
+        for text, ids, budget, gen in zip(texts, prompt_ids, budgets, generations, strict=True)
     ]
 
 

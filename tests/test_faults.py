@@ -262,9 +262,8 @@ def test_batch_size_is_clamped_to_the_prompts(tiny_checkpoint):
     model = bita_jax.load(tiny_checkpoint)
     records = model.generate(["a", "b"], max_new_tokens=2, batch_size=64)
     assert [r["prompt"] for r in records] == ["a", "b"]
-    (compiled,) = model._compiled.values()
-    # Each executable's key ends with the shapes of tokens [B, T], prompt_lens [B] and streams [B].
-    assert {shapes[-3][0][0] for shapes in compiled.executables} == {2}
+    (engine,) = model._engines.values()
+    assert engine.slots == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,15 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:3+lookup:4 --compare
   python decode.py --model DIR --mode lookup --tree lookup:4 --compare     # prompt lookup, no adapter
+  python decode.py --model DIR --prompt "def add(a, b):" --stream
 
-Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens, steps,
-seconds; for bita `steps` counts tree steps; `run`: what made it) as each batch finishes, and prints
-a short summary. One run at a time writes an --output (a second is refused). An interrupted run
+Decodes with continuous batching: --batch-size slots, each refilled with the next prompt as soon as
+its prompt finishes (--batching static decodes batches that wait for their slowest prompt; the
+outputs are the same). A "max_new_tokens" in a prompts-file record overrides the flag for that
+prompt. Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens,
+max_new_tokens, steps, seconds; for bita `steps` counts tree steps; `run`: what made it) in input
+order, each as soon as it and every earlier prompt are finished, and prints a short summary.
+--stream prints one prompt's completion as it grows. One run at a time writes an --output (a second is refused). An interrupted run
 keeps its finished records; --resume decodes only the prompts they lack, and refuses records made
 with another model, adapter or options (docs/reliability.md).
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
@@ -34,6 +39,7 @@ from bita_jax.cli import DefaultsHelpFormatter, UserError
 from bita_jax.cli.files import ResultsFile, read_prompt_lines
 from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
 from bita_jax.config import DTYPES, PRECISIONS
+from bita_jax.decoding.engine import BATCHING, CHUNK_STEPS
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
 from bita_jax.errors import PromptError
@@ -87,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, help="sampling: the k most likely tokens (default 0: off)")
     parser.add_argument("--top-p", type=float, help="sampling: nucleus threshold (default 1: off)")
     parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    parser.add_argument(
+        "--batching",
+        choices=BATCHING,
+        default="continuous",
+        help="continuous: refill each slot as its prompt finishes; static: each batch waits for its "
+        "slowest prompt (same outputs)",
+    )
+    parser.add_argument("--chunk-steps", type=int, default=CHUNK_STEPS, help="decoding steps per host sync")
+    parser.add_argument("--ignore-eos", action="store_true", help="decode max_new_tokens whatever is emitted")
+    parser.add_argument(
+        "--stream", action="store_true", help="print the completion of a single prompt as it grows (stdout)"
+    )
     parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
@@ -130,13 +148,16 @@ def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
     return options
 
 
-def prompt_texts(args) -> tuple[list[str], list[str]]:
-    """The prompts, and how to name each in a message (its file line, or its place in --prompt)."""
+def prompt_texts(args) -> tuple[list[str], list[int], list[str]]:
+    """The prompts, each one's max_new_tokens (a prompts-file record's own, else the flag), and how
+    to name each in a message (its file line, or its place in --prompt)."""
     if args.prompt and args.prompts:
         raise UserError("give either --prompt or --prompts, not both")
     if args.prompts:
-        texts, lines = read_prompt_lines(args.prompts)
-        return texts, [f"prompt {i + 1} ({args.prompts} line {n})" for i, n in enumerate(lines)]
+        read = read_prompt_lines(args.prompts)
+        budgets = [args.max_new_tokens if b is None else b for b in read.budgets]
+        where = [f"prompt {i + 1} ({args.prompts} line {n})" for i, n in enumerate(read.lines)]
+        return read.prompts, budgets, where
     if not args.prompt:
         raise UserError("no prompts: give --prompt TEXT or --prompts FILE.jsonl")
     for text in args.prompt:
@@ -147,7 +168,7 @@ def prompt_texts(args) -> tuple[list[str], list[str]]:
         api.check_prompts(args.prompt)
     except PromptError as e:
         raise UserError(f"{where[e.index]} {e.reason}") from None
-    return args.prompt, where
+    return args.prompt, [args.max_new_tokens] * len(args.prompt), where
 
 
 def check_not_prompts(output: str | None, prompts: str | None) -> None:
@@ -166,6 +187,7 @@ def run_identity(args: argparse.Namespace, mode: str, sampling: dict, plan=None)
         "mode": mode,
         **used_options(**sampling),
         "max_new_tokens": args.max_new_tokens,
+        "ignore_eos": args.ignore_eos,
         "chat": args.chat,
         "dtype": args.dtype,
         "precision": args.precision,
@@ -192,19 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.model:
         raise UserError("--model DIR is required")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--chunk-steps", args.chunk_steps)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     output = None if args.output in (None, "-") else args.output
     if args.resume and output is None:
         raise UserError("--resume needs --output FILE")
     mode = decoding_mode(args)
     sampling = sampling_options(args)
-    all_texts, where = prompt_texts(args)
+    all_texts, all_budgets, where = prompt_texts(args)
+    if args.stream and len(all_texts) != 1:
+        raise UserError(f"--stream prints one prompt's completion, got {len(all_texts)} prompts")
     check_not_prompts(output, args.prompts)
     # The output is checked and locked before anything is loaded: a bad or busy --output must not
     # cost a model load; it stays locked until every record is written.
-    with ResultsFile(output, all_texts, args.resume) as results:
-        return decode(args, mode, sampling, all_texts, where, results)
+    with ResultsFile(output, all_texts, args.resume, all_budgets) as results:
+        return decode(args, mode, sampling, all_texts, all_budgets, where, results)
 
 
 def decode(
@@ -212,12 +238,14 @@ def decode(
     mode: str,
     sampling: dict,
     all_texts: list[str],
+    all_budgets: list[int],
     where: list[str],
     results: ResultsFile,
 ) -> int:
     """Decodes the prompts `results` lacks and writes their records there; prints the reports.
 
-    `where` names each prompt for messages (`prompt_texts`)."""
+    `all_budgets` are the prompts' max_new_tokens; `where` names each prompt for messages
+    (`prompt_texts`)."""
     done = results.records
     if done:  # refused before a model load where it can be: all but the mode and tree as decoded
         results.check(run_identity(args, mode, sampling), skip=("mode", "tree"))
@@ -226,7 +254,7 @@ def decode(
         return 0
     if done:
         print(f"resuming: {len(done)} of {len(all_texts)} prompts already in {args.output}", file=sys.stderr)
-    texts = all_texts[len(done) :]
+    texts, budgets = all_texts[len(done) :], all_budgets[len(done) :]
     model = api.load(
         args.model,
         adapter=args.adapter if mode == "bita" else None,
@@ -237,24 +265,34 @@ def decode(
     )
     tree = args.tree or AUTO
     options = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, chat=args.chat, tree=tree, **sampling
-    )
+        max_new_tokens=budgets, batch_size=args.batch_size, chat=args.chat, tree=tree, batching=args.batching,
+        ignore_eos=args.ignore_eos, chunk_steps=args.chunk_steps, **sampling,
+    )  # fmt: skip
     try:  # bad input fails before the progress bar shows
         plan = model.check(texts, mode=mode, **options)
     except PromptError as e:
         raise UserError(f"{where[len(done) + e.index]} {e.reason}") from None
     identity = run_identity(args, mode, sampling, plan)
     results.check(identity)
-    # Records own stdout unless --output is given; reports go wherever they do not.
+    # Records (or the --stream text) own stdout unless --output is given; reports go wherever
+    # they do not.
     out = sys.stdout if results.fd is not None else sys.stderr
 
     def batch_done(records: list[dict]) -> None:
-        results.write(records, identity)
+        if results.fd is not None or not args.stream:
+            results.write(records, identity)
         progress.update(len(records))
+
+    def print_delta(delta: api.Delta) -> None:
+        sys.stdout.write(delta.text + ("\n" if delta.done else ""))
+        sys.stdout.flush()
 
     with tqdm(total=len(texts), desc=f"decode ({mode})", unit="prompt", file=sys.stderr) as progress:
         # Resumed prompts keep their index in the input: it keys their sampling noise.
-        run = model.run(texts, mode=mode, on_batch=batch_done, first_index=len(done), **options)
+        run = model.run(
+            texts, mode=mode, on_batch=batch_done, first_index=len(done),
+            on_delta=print_delta if args.stream else None, **options,
+        )  # fmt: skip
         if run.mode != "ar":
             shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
             tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"

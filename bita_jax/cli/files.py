@@ -5,6 +5,7 @@ run at a time (locked), each record saying what made it, so --resume refuses ano
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ IDENTITY_OPTIONS = {
     "mode": "mode (as decoded)",
     "tree": "--tree (as resolved)",
     "max_new_tokens": "--max-new-tokens",
+    "ignore_eos": "--ignore-eos",
     "temperature": "--temperature",
     "top_k": "--top-k",
     "top_p": "--top-p",
@@ -45,14 +47,24 @@ def read_text_lines(path: str, what: str) -> list[str]:
         raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
-def read_prompt_lines(path: str) -> tuple[list[str], list[int]]:
-    """Prompts from a jsonl file whose lines are objects with a string "prompt" (blank lines
-    skipped), and the line number of each. Every prompt is checked before any is decoded (so a bad
-    one cannot stop a run half way): one that is empty or not valid Unicode raises UserError
-    naming its line."""
+@dataclasses.dataclass(frozen=True)
+class PromptFile:
+    """A prompts jsonl file as read: the prompts, each one's line number, and each one's own
+    "max_new_tokens" (None where the record has none: the flag applies)."""
+
+    prompts: list[str]
+    lines: list[int]
+    budgets: list[int | None]
+
+
+def read_prompt_lines(path: str) -> PromptFile:
+    """Prompts from a jsonl file whose lines are objects with a string "prompt" and optionally an
+    integer "max_new_tokens" >= 1 (blank lines skipped). Every record is checked before any is
+    decoded (so a bad one cannot stop a run half way): a prompt that is empty or not valid Unicode,
+    or a bad budget, raises UserError naming its line."""
     from bita_jax.api import check_prompts
 
-    prompts, numbers = [], []
+    read = PromptFile([], [], [])
     for number, line in enumerate(read_text_lines(path, "prompts file"), start=1):
         if not line.strip():
             continue
@@ -66,16 +78,20 @@ def read_prompt_lines(path: str) -> tuple[list[str], list[int]]:
             check_prompts([record["prompt"]])
         except PromptError as e:
             raise UserError(f"{path} line {number}: the prompt {e.reason}") from None
-        prompts.append(record["prompt"])
-        numbers.append(number)
-    if not prompts:
+        budget = record.get("max_new_tokens")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise UserError(f'{path} line {number}: "max_new_tokens" must be an integer >= 1, got {budget!r}')
+        read.prompts.append(record["prompt"])
+        read.lines.append(number)
+        read.budgets.append(budget)
+    if not read.prompts:
         raise UserError(f"{path} holds no prompts")
-    return prompts, numbers
+    return read
 
 
 def read_prompts(path: str) -> list[str]:
     """The prompts of a jsonl prompts file (`read_prompt_lines`)."""
-    return read_prompt_lines(path)[0]
+    return read_prompt_lines(path).prompts
 
 
 def _shown(value: Any) -> str:
@@ -94,8 +110,10 @@ class ResultsFile:
     identity) after the kept ones. A file this run created and left empty is removed on exit.
     """
 
-    def __init__(self, path: str | None, prompts: Sequence[str], resume: bool):
-        self.path, self.prompts, self.resume = path, prompts, resume
+    def __init__(
+        self, path: str | None, prompts: Sequence[str], resume: bool, budgets: Sequence[int] | None = None
+    ):
+        self.path, self.prompts, self.resume, self.budgets = path, prompts, resume, budgets
         self.records: list[dict[str, Any]] = []  # the finished records kept
         self.offset = 0  # bytes of the kept records
         self.fd: int | None = None
@@ -149,7 +167,8 @@ class ResultsFile:
 
     def check(self, identity: dict[str, Any], skip: Sequence[str] = ()) -> None:
         """Refuses kept records made by another run: naming the first field of `identity` (keys
-        of IDENTITY_OPTIONS) that differs, except those in `skip` (not known yet)."""
+        of IDENTITY_OPTIONS) that differs, except those in `skip` (not known yet), or a prompt's
+        max_new_tokens other than `budgets` gives it."""
         for number, record in enumerate(self.records, start=1):
             made = record[RUN_KEY]
             for key, option in IDENTITY_OPTIONS.items():
@@ -161,6 +180,12 @@ class ResultsFile:
                         f"--resume: {self.path} line {number} was made with {option} {_shown(before)}, "
                         f"not {_shown(now)}: resume with the same settings, or give another --output"
                     )
+            if self.budgets is not None and record.get("max_new_tokens") != self.budgets[number - 1]:
+                raise UserError(
+                    f"--resume: {self.path} line {number} was decoded with max_new_tokens "
+                    f"{_shown(record.get('max_new_tokens'))}, this input asks {self.budgets[number - 1]} "
+                    "for that prompt (its prompts-file record): resume with the same budgets"
+                )
 
     def write(self, records: list[dict[str, Any]], identity: dict[str, Any]) -> None:
         """Appends records, each with `identity` under "run", flushed (fsync'd to a file)."""

@@ -36,21 +36,22 @@ def prompt_bucket(length: int) -> int:
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
-def check_lengths(config: ModelConfig, prompt_lens: list[int], max_new_tokens: int) -> None:
-    """Refuses, before any compile, prompts that cannot fit the model's positions.
+def check_lengths(config: ModelConfig, prompt_lens: list[int], budgets: list[int]) -> None:
+    """Refuses, before any compile, prompts that cannot fit the model's positions with their
+    max_new_tokens (`budgets`, one per prompt).
 
     Raises:
-      PromptError: naming the first prompt without tokens or too long.
+      ConfigError: a budget below 1. PromptError: naming the first prompt without tokens or too long.
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    for index, length in enumerate(prompt_lens):
+    for index, (length, budget) in enumerate(zip(prompt_lens, budgets, strict=True)):
+        if budget < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {budget}")
         if length < 1:
             raise PromptError(index, "is empty: at least one token is needed")
-        if length + max_new_tokens > config.max_position_embeddings:
+        if length + budget > config.max_position_embeddings:
             raise PromptError(
                 index,
-                f"has {length} tokens: with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"has {length} tokens: with max_new_tokens={budget} that exceeds the model's "
                 f"{config.max_position_embeddings} positions",
             )
 

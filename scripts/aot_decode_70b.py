@@ -4,8 +4,9 @@
       [--cache 4096] [--tree upper:5] [--scan-layers]
 
 No weights: params, adapter, cache and inputs are abstract `jax.ShapeDtypeStruct`s carrying their
-shardings from the logical-axis rules. The steps are the jitted ones decoding uses (cache donated),
-traced under the mesh and rules as `decode.py --mesh` does. Prints per-device memory from the
+shardings from the logical-axis rules. The steps are decoding's jitted step functions (the AR step
+donates its cache; `make_bita_step` donates nothing), traced under the mesh and rules as
+`decode.py --mesh` does. Prints per-device memory from the
 compiler's analysis and the compile time.
 """
 

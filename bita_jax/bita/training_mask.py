@@ -1,7 +1,7 @@
 """BiTA's training format: one example as a multi-group sequence, and its attention mask.
 
 One (source, target) example with group offsets s_0 < ... < s_{g-1} becomes one sequence of the
-method's "efficient" format (method doc 2.3-2.5):
+method's "efficient" format (docs/method.md sections 2.3-2.5):
 
     tokens   = source ++ target[:s_last + M] ++ g groups of the M mask ids V..V+M-1
     group    = -1 on normal tokens, j on the masks of group j
@@ -67,7 +67,7 @@ def _own_group_earlier(
 
 
 def attention_mask(group: jax.Array, visible_end: jax.Array, positions: jax.Array) -> jax.Array:
-    """[B, T, T] training attention mask from per-token metadata (method doc 2.4).
+    """[B, T, T] training attention mask from per-token metadata (docs/method.md section 2.4).
 
     Row q sees normal key s when s < visible_end[q] (normal rows: causal; mask rows: source plus
     target[:s_j]), and a mask row also sees the masks of its own group at positions <= its own.

@@ -22,7 +22,7 @@ MAX_NEW_TOKENS = 128
 CPU_NOTE = (
     "why little on a CPU: a CPU is compute-bound, so every row the tree step adds (each node brings "
     "1 + depth rows) costs time, while an accelerator at small batch is memory-bound and the rows are "
-    "nearly free; see the README's accelerator figures"
+    "nearly free; see docs/performance.md for the accelerator figures"
 )
 
 

@@ -5,7 +5,7 @@ each verified row; the walk then follows the tree from the root into the child w
 the chosen token, as far as it goes, and the token chosen at the last row reached is the bonus.
 The walk is the same for every policy: with greedy choice it is greedy verification, and since a
 choice depends only on its row's logits, seed, prompt and absolute position, BiTA's output equals
-AR's under the same policy and seed (method note: shared/docs/bita-sampling.md).
+AR's under the same policy and seed (docs/sampling.md).
 """
 
 from __future__ import annotations

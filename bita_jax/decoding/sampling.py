@@ -5,7 +5,7 @@ TopKLogitsWarper, then TopPLogitsWarper, each with min_tokens_to_keep=1) on floa
 draws `argmax(processed + g)` with Gumbel noise g keyed by (seed, prompt index, position): a token's draw
 depends only on the seed, the prompt's index in the user's input, the token's absolute position and its
 logits, never on batch size, batch slot, padding or the number of rows drawn together. AR and BiTA draw with
-the same keys, so with equal logits they draw equal tokens (method note: shared/docs/bita-sampling.md).
+the same keys, so with equal logits they draw equal tokens (docs/sampling.md).
 The seed travels with the rows (`streams`), not in the Sampler, so a new seed does not recompile.
 """
 

@@ -33,7 +33,7 @@ def require() -> None:
         )
 
 
-# Named trees for the demo's benchmarks (benchmarks/tuning_check.py, the README). The demo adapter's
+# Named trees for the demo's benchmarks (benchmarks/tuning_check.py, docs/decoding.md). The demo adapter's
 # top draft is often wrong where its second or third is right, so trees that also grow children
 # under non-top level-1 drafts accept more than the reference upper-triangle tree: COMPACT_TREE
 # (16 nodes, 68 rows per step) and WIDE_TREE (30 nodes, 124 rows). The demo itself decodes with

@@ -198,7 +198,7 @@ def trainable_count(examples: list[Example], num_masks: int) -> int:
 
 
 def group_offsets(target_len: int, num_masks: int, max_groups: int, rng: np.random.Generator) -> np.ndarray:
-    """Start offsets s_0 < ... < s_{g-1} of the mask groups (method doc 2.3 step 2).
+    """Start offsets s_0 < ... < s_{g-1} of the mask groups (docs/method.md section 2.3, step 2).
 
     All A = T - M offsets when A <= G, else a random window of G consecutive ones. Empty when
     T <= M (the example has no loss tokens).

@@ -50,8 +50,8 @@ def generate_all(jitted, weights, prompts, batch_size, pad_id):
 
 def one_batch(model_dir, data_path, cfg, batch=4, length=128):
     examples = data.read_examples(DataConfig(path=data_path), model_dir, cfg.eos_token_ids[0])
-    stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
-    return stream.batch(0, 0, length)
+    stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, 0)
+    return data.collate(stream.sequences(0, 0), length, cfg.pad_id)
 
 
 def test_normal_rows_are_the_base_model(distilled):

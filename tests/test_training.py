@@ -16,8 +16,8 @@ from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita import training_mask
 from bita_jax.bita.tree import DEFAULT_TREE, parse_tree
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
-from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
+from bita_jax.decoding.loop import make_ar_generate, make_bita_generate
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import LlamaModel, forward
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -162,7 +162,7 @@ def patterned(tmp_path_factory):
         hf.save_params(params, cfg, model_dir, hf_config=json.load(f))
     # Self-distillation with the project's AR decoding, on motifs the model never saw.
     prompts = [[cfg.bos_token_id, *motif(rng) * 2] for _ in range(16)]
-    generate = decoding.make_ar_generate(cfg, 40)
+    generate = make_ar_generate(cfg, 40)
     generations = generate_all(generate, params, prompts, 16, cfg.pad_id)
     data_path = str(root / "data.jsonl")
     with open(data_path, "w") as f:
@@ -223,7 +223,7 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     model_cfg = hf.load_config(model_dir, dtype="float32")
     params = hf.load_params(model_dir, model_cfg)
     bita_cfg, adapter = adapter_files.load_adapter(os.path.join(run_dir, train_loop.ADAPTER_DIR), model_cfg)
-    generate = decoding.make_bita_generate(model_cfg, parse_tree(DEFAULT_TREE, bita_cfg.num_mask_tokens), 40)
+    generate = make_bita_generate(model_cfg, parse_tree(DEFAULT_TREE, bita_cfg.num_mask_tokens), 40)
     bita_gens = generate_all(generate, (params, adapter), prompts, 16, model_cfg.pad_id)
     assert [g.output_ids for g in bita_gens] == [g.output_ids for g in generations]
     tokens_per_step = sum(len(g.output_ids) for g in bita_gens) / sum(g.steps for g in bita_gens)

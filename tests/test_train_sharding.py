@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig
@@ -38,7 +37,6 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
     return state, metrics, program
 
 
-@pytest.mark.slow
 def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
     cfg = hf.load_config(tiny_checkpoint)
     rng = np.random.default_rng(0)

@@ -198,7 +198,6 @@ def train_adapter(model_dir: str, data_path: str, out_dir: str, seed: int) -> bo
     return bool(np.all(final_acc >= 0.95))
 
 
-@pytest.mark.slow
 def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     model_dir, data_path, prompts, generations = patterned
     # The premise: greedy decoding continues every unseen motif exactly (no EOS within 40 tokens).

@@ -171,7 +171,6 @@ def assert_same_generation(ar, bt):
         np.testing.assert_array_equal(ar.output[b, :n], bt.output[b, :n])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bita_equals_ar_random_adapters(model, batch):
     config, params = model
@@ -249,7 +248,6 @@ def test_step_compiles_once(model):
     assert step._cache_size() == 1
 
 
-@pytest.mark.slow
 def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     """data=4, tensor=2 on 8 fake devices: AR and BiTA outputs equal the 1-device outputs."""
     config, params = model

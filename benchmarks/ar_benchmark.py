@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
+from bita_jax.decoding.loop import SCAN_LAYERS, make_ar_generate
 from bita_jax.decoding.runner import CompiledByShape
 from bita_jax.io import hf
 
@@ -57,9 +57,9 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 
 
 def bench_ours(path: str, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    config = hf.load_config(path, scan_layers=decoding.SCAN_LAYERS)
+    config = hf.load_config(path, scan_layers=SCAN_LAYERS)
     params = hf.load_params(path, config)
-    generate = CompiledByShape(decoding.make_ar_generate(config, new_tokens))
+    generate = CompiledByShape(make_ar_generate(config, new_tokens))
     batch = runner.pad_batch([list(p) for p in prompts], 0, len(prompts), config.pad_id)
     generate.prepare(params, *batch)
 

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bita_jax.bita import adapter as bita_adapter  # noqa: E402
 from bita_jax.bita.tree import parse_tree  # noqa: E402
 from bita_jax.config import BiTAConfig, ModelConfig  # noqa: E402
-from bita_jax.decoding import loop as decoding  # noqa: E402
 from bita_jax.decoding.cache import KVCache  # noqa: E402
+from bita_jax.decoding.loop import SCAN_LAYERS, make_ar_step, make_bita_step  # noqa: E402
 from bita_jax.decoding.tree_step import placeholder_drafts  # noqa: E402
 from bita_jax.models.llama import init_params  # noqa: E402
 from scripts.aot_train_memory import LLAMA2_7B  # noqa: E402
@@ -63,13 +63,13 @@ def time_steps(config, params, adapter, batch: int, context: int, iters: int) ->
         return cache.replace(length=jnp.full((batch,), context, jnp.int32))
 
     pending = jnp.ones((batch,), jnp.int32)
-    ar_step = decoding.make_ar_step(config)
+    ar_step = make_ar_step(config)
     streams = jnp.arange(batch, dtype=jnp.int32)
     ar_args = (params, at_context(KVCache.init(config, batch, max_len)), pending, streams)
     times = {"ar": median_seconds(ar_step, ar_args, lambda o, a: (a[0], at_context(o[1]), *a[2:]), iters)}
     for spec in TREES:
         tree = parse_tree(spec, 3)
-        step = decoding.make_bita_step(config, tree)
+        step = make_bita_step(config, tree)
         drafts = placeholder_drafts(tree, batch, config.vocab_size)
         args = (params, adapter, at_context(KVCache.init(config, batch, max_len)), pending, drafts, streams)
         # The step returns the rows to commit and leaves the cache as is: every call sees the same one.
@@ -110,9 +110,7 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/tree_cost", help="path prefix for .json and .png")
     args = parser.parse_args()
 
-    config = ModelConfig.from_hf_config(
-        SHAPES[args.shape], dtype=args.dtype, scan_layers=decoding.SCAN_LAYERS
-    )
+    config = ModelConfig.from_hf_config(SHAPES[args.shape], dtype=args.dtype, scan_layers=SCAN_LAYERS)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     adapter = bita_adapter.init_adapter(config, BiTAConfig(num_mask_tokens=3), jax.random.key(1))
     device = jax.devices()[0]

@@ -42,8 +42,8 @@ def main() -> None:
     from bita_jax.bita import adapter as bita_adapter
     from bita_jax.bita.tree import parse_tree
     from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
-    from bita_jax.decoding import loop as decoding
     from bita_jax.decoding.cache import CACHE_AXES, KVCache
+    from bita_jax.decoding.loop import make_ar_step, make_bita_step
     from bita_jax.io.orbax_checkpoint import abstract_like
     from bita_jax.models.llama import abstract_params
     from bita_jax.sharding import logical_sharding, make_mesh, mesh_rules, tree_shardings
@@ -82,9 +82,9 @@ def main() -> None:
             sharding=logical_sharding(("batch", None, None), mesh),
         )
         steps = {
-            "ar": (decoding.make_ar_step(config), (params, cache, pending, pending)),
+            "ar": (make_ar_step(config), (params, cache, pending, pending)),
             "bita": (
-                decoding.make_bita_step(config, tree),
+                make_bita_step(config, tree),
                 (params, adapter, cache, pending, drafts, pending),
             ),
         }

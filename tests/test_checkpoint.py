@@ -50,7 +50,6 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_params(tiny_checkpoint, ids_data, tmp_path, monkeypatch):
     model_cfg = ModelConfig.from_pretrained(tiny_checkpoint)
     train_loop.run(config(tiny_checkpoint, ids_data, str(tmp_path / "clean"), 6))

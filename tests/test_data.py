@@ -9,6 +9,7 @@ from bita_jax.bita import training_mask
 from bita_jax.cli import UserError
 from bita_jax.config import DataConfig
 from bita_jax.training import data
+from bita_jax.training import loop as train_loop
 
 V, M = 100, 2
 
@@ -124,8 +125,13 @@ def test_datasets_directory(tiny_checkpoint, tmp_path):
 def test_stream_is_deterministic_and_redraws_windows():
     examples = [data.Example((1, 2, 3), tuple(range(10, 10 + n)) + (9,)) for n in (20, 25, 30, 12)]
     cfg = DataConfig(max_groups=3, seq_buckets=(32, 64))
-    stream = data.BatchStream(examples, 2, 2, cfg, V, M, pad_id=9, seed=7)
-    a, b = stream.batch(0, 1), stream.batch(0, 1)
+    stream = data.BatchStream(examples, 2, 2, cfg, V, M, seed=7)
+
+    def batch(epoch, index):  # as the training loop builds it
+        sequences = stream.sequences(epoch, index)
+        return data.collate(sequences, train_loop.agreed_length(stream, sequences), pad_id=9)
+
+    a, b = batch(0, 1), batch(0, 1)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert a["tokens"].shape[1] in (32, 64)

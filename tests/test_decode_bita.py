@@ -49,7 +49,6 @@ def run_decode(model_dir, out_file, *extra):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
 def test_bita_cli_equals_ar(trained, tmp_path, capsys):
     model_dir, adapter_dir = trained
     ar = run_decode(model_dir, tmp_path / "ar.jsonl", "--mode", "ar", "--batch-size", "3")
@@ -70,7 +69,6 @@ def test_bita_cli_equals_ar(trained, tmp_path, capsys):
         assert sum(r["steps"] for r in bita) < sum(r["steps"] for r in ar), out
 
 
-@pytest.mark.slow
 def test_bita_cli_tensor_parallel(trained, tmp_path):
     model_dir, adapter_dir = trained
     single = run_decode(
@@ -110,7 +108,6 @@ def test_bita_cli_errors(tiny_checkpoint, tmp_path, capsys, extra, message):
     assert err[-1].startswith("error: ") and message in err[-1], err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_sampled_bita_cli_equals_sampled_ar(trained, tmp_path, capsys, batch_size):
     """Same options and seed: BiTA's sampled ids equal AR's (trained adapter, mixed prompt lengths);

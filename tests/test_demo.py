@@ -73,7 +73,6 @@ def test_demo_ships_statistics_that_predict_tokens_per_step(demo_model):
     assert abs(best.tau / measured - 1) <= 0.15, (best.tau, measured)
 
 
-@pytest.mark.slow
 def test_decode_py_without_arguments_runs_the_demo(capsys):
     import re
 

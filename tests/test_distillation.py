@@ -12,6 +12,7 @@ from bita_jax.config import BiTAConfig, DataConfig, LossConfig
 from bita_jax.io import hf
 from bita_jax.models.llama import LlamaModel, forward
 from bita_jax.training import data
+from bita_jax.training import loop as train_loop
 from bita_jax.training import step as train_step
 from tests.single_forward import single_forward_loss_terms
 from tests.test_split_step import BITA, G, M, R, mixed_batch
@@ -72,8 +73,10 @@ def test_teacher_rows_predict_the_labels_of_self_distilled_data(tiny_checkpoint)
         hidden, _ = forward(model, params, t, pos, pos[:, :, None] >= pos[:, None, :])
         tokens.append(int(jnp.argmax(model.apply({"params": params}, hidden[:, -1], method="logits"))))
     example = data.Example(tuple(tokens[:4]), tuple(tokens[4:]))
-    stream = data.BatchStream([example], 1, 1, DataConfig(max_groups=G), cfg.vocab_size, M, cfg.pad_id, 0)
-    batch = {k: jnp.asarray(v) for k, v in stream.batch(0, 0).items()}
+    stream = data.BatchStream([example], 1, 1, DataConfig(max_groups=G), cfg.vocab_size, M, 0)
+    sequences = stream.sequences(0, 0)
+    local = data.collate(sequences, train_loop.agreed_length(stream, sequences), cfg.pad_id)
+    batch = {k: jnp.asarray(v) for k, v in local.items()}
     adapter = bita_adapter.init_adapter(cfg, BITA, jax.random.key(0))
     rows = train_step.mask_row_forward(model, params, adapter, batch, R)
     teacher = model.apply({"params": params}, rows.teacher, method="logits")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
 from bita_jax.decoding.cache import KVCache
+from bita_jax.decoding.loop import prefill
 from bita_jax.io import hf
 from bita_jax.models.llama import LlamaModel, causal_mask, forward
 from tests.conftest import VARIANTS
@@ -57,8 +57,8 @@ def test_prefill_and_cached_steps_equal_full_forward(tiny_checkpoints, variant, 
     tokens, lens, _ = runner.pad_batch(
         [list(s[:n]) for s, n in zip(sequences, prompt_lens, strict=True)], 0, 2, config.pad_id
     )
-    prefill = jax.jit(lambda p, t, n: decoding.prefill(model, p, t, n, KVCache.init(config, 2, 64)))
-    cache = prefill(params, tokens, lens)
+    run_prefill = jax.jit(lambda p, t, n: prefill(model, p, t, n, KVCache.init(config, 2, 64)))
+    cache = run_prefill(params, tokens, lens)
     # Causal attention: each row's logits up to its own length ignore the tokens after it.
     expected = full_logits(model, params, sequences)  # [B, T, V]
 

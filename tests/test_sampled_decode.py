@@ -138,7 +138,6 @@ def homogeneity_p_value(a: np.ndarray, b: np.ndarray) -> float:
     return scipy.stats.chi2_contingency(table)[1]
 
 
-@pytest.mark.slow
 def test_joint_distribution_of_three_tokens_matches_ar(peaked):
     """BiTA over seeds 0..N-1 against AR over seeds N..2N-1 (no shared noise): the first three tokens
     have one distribution (chi-square homogeneity); a BiTA that reuses one position's noise fails."""

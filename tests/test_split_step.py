@@ -32,8 +32,9 @@ def mixed_batch(cfg, seed=0):
         data.Example(tuple(rng.integers(3, 300, s)), tuple(rng.integers(3, 300, n)) + (2,))
         for s, n in ((4, 2), (9, 5), (3, 11), (6, 25), (12, 40), (5, 31))
     ]
-    stream = data.BatchStream(examples, 6, 1, DataConfig(max_groups=G), cfg.vocab_size, M, cfg.pad_id, seed)
-    return stream.batch(0, 0)
+    stream = data.BatchStream(examples, 6, 1, DataConfig(max_groups=G), cfg.vocab_size, M, seed)
+    sequences = stream.sequences(0, 0)
+    return data.collate(sequences, train_loop.agreed_length(stream, sequences), cfg.pad_id)
 
 
 def test_mask_row_visibility_is_the_mask_rows_block(tiny_checkpoint):

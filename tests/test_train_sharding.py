@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig
@@ -38,7 +37,6 @@ def run_steps(model_dir, mesh, batches, num_steps=2):
     return state, metrics, program
 
 
-@pytest.mark.slow
 def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
     cfg = hf.load_config(tiny_checkpoint)
     rng = np.random.default_rng(0)
@@ -46,8 +44,8 @@ def test_2x2x2_mesh_matches_one_device(tiny_checkpoint):
         data.Example(tuple(rng.integers(3, 300, 5)), tuple(rng.integers(3, 300, n)) + (2,))
         for n in (12, 20, 9, 30, 15, 7, 25, 18)
     ]
-    stream = data.BatchStream(examples, 8, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
-    batches = [stream.batch(e, 0, 64) for e in range(2)]
+    stream = data.BatchStream(examples, 8, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, 0)
+    batches = [data.collate(stream.sequences(e, 0), 64, cfg.pad_id) for e in range(2)]
     one_state, one, _ = run_steps(tiny_checkpoint, make_mesh(MeshConfig(data=1), jax.devices()[:1]), batches)
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     many_state, many, program = run_steps(tiny_checkpoint, mesh, batches)

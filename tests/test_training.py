@@ -16,8 +16,8 @@ from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita import training_mask
 from bita_jax.bita.tree import DEFAULT_TREE, parse_tree
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
-from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
+from bita_jax.decoding.loop import make_ar_generate, make_bita_generate
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import LlamaModel, forward
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -50,8 +50,8 @@ def generate_all(jitted, weights, prompts, batch_size, pad_id):
 
 def one_batch(model_dir, data_path, cfg, batch=4, length=128):
     examples = data.read_examples(DataConfig(path=data_path), model_dir, cfg.eos_token_ids[0])
-    stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, cfg.pad_id, 0)
-    return stream.batch(0, 0, length)
+    stream = data.BatchStream(examples, batch, 1, DataConfig(max_groups=8), cfg.vocab_size, 3, 0)
+    return data.collate(stream.sequences(0, 0), length, cfg.pad_id)
 
 
 def test_normal_rows_are_the_base_model(distilled):
@@ -162,7 +162,7 @@ def patterned(tmp_path_factory):
         hf.save_params(params, cfg, model_dir, hf_config=json.load(f))
     # Self-distillation with the project's AR decoding, on motifs the model never saw.
     prompts = [[cfg.bos_token_id, *motif(rng) * 2] for _ in range(16)]
-    generate = decoding.make_ar_generate(cfg, 40)
+    generate = make_ar_generate(cfg, 40)
     generations = generate_all(generate, params, prompts, 16, cfg.pad_id)
     data_path = str(root / "data.jsonl")
     with open(data_path, "w") as f:
@@ -198,7 +198,6 @@ def train_adapter(model_dir: str, data_path: str, out_dir: str, seed: int) -> bo
     return bool(np.all(final_acc >= 0.95))
 
 
-@pytest.mark.slow
 def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     model_dir, data_path, prompts, generations = patterned
     # The premise: greedy decoding continues every unseen motif exactly (no EOS within 40 tokens).
@@ -223,7 +222,7 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     model_cfg = hf.load_config(model_dir, dtype="float32")
     params = hf.load_params(model_dir, model_cfg)
     bita_cfg, adapter = adapter_files.load_adapter(os.path.join(run_dir, train_loop.ADAPTER_DIR), model_cfg)
-    generate = decoding.make_bita_generate(model_cfg, parse_tree(DEFAULT_TREE, bita_cfg.num_mask_tokens), 40)
+    generate = make_bita_generate(model_cfg, parse_tree(DEFAULT_TREE, bita_cfg.num_mask_tokens), 40)
     bita_gens = generate_all(generate, (params, adapter), prompts, 16, model_cfg.pad_id)
     assert [g.output_ids for g in bita_gens] == [g.output_ids for g in generations]
     tokens_per_step = sum(len(g.output_ids) for g in bita_gens) / sum(g.steps for g in bita_gens)

@@ -12,9 +12,17 @@ import pytest
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig
-from bita_jax.decoding import loop as decoding
 from bita_jax.decoding import runner
 from bita_jax.decoding.cache import CACHE_AXES, KVCache
+from bita_jax.decoding.loop import (
+    BiTACarry,
+    bita_loop_step,
+    initial_state,
+    make_ar_generate,
+    make_bita_generate,
+    make_bita_step,
+    prefill,
+)
 from bita_jax.decoding.sampling import GREEDY
 from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
 from bita_jax.io import hf
@@ -85,7 +93,7 @@ def forward_rows(config, params, adapter_params, sequences, num_masks=0):
 def jitted_prefill(config, batch, max_len=64):
     model = LlamaModel(config)
     return jax.jit(
-        lambda params, tokens, lens: decoding.prefill(
+        lambda params, tokens, lens: prefill(
             model, params, tokens, lens, KVCache.init(config, batch, max_len)
         )
     )
@@ -99,7 +107,7 @@ def prefilled(config, params, prompts):
 
 
 # One compile per (config, max_new) shared by all tests.
-ar_generate = functools.lru_cache(maxsize=None)(decoding.make_ar_generate)
+ar_generate = functools.lru_cache(maxsize=None)(make_ar_generate)
 
 
 def greedy_continuation(config, params, prompts, count):
@@ -163,7 +171,6 @@ def assert_same_generation(ar, bt):
         np.testing.assert_array_equal(ar.output[b, :n], bt.output[b, :n])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
 def test_bita_equals_ar_random_adapters(model, batch):
     config, params = model
@@ -173,7 +180,7 @@ def test_bita_equals_ar_random_adapters(model, batch):
     ar = ar_generate(config, max_new)(params, tokens, lens, streams)
     specs = ["upper:5", "[[0],[1],[0,0],[0,1],[1,0],[0,0,0],[1,0,2]]"]
     for spec in specs[:1] if batch == 1 else specs:
-        generate = decoding.make_bita_generate(config, parse_tree(spec, 3), max_new)
+        generate = make_bita_generate(config, parse_tree(spec, 3), max_new)
         for seed in range(3):
             bt = generate((params, adapter(config, seed)), tokens, lens, streams)
             assert_same_generation(ar, bt)
@@ -213,11 +220,9 @@ def test_oracle_drafts_equal_ar(model, eos_at, max_new):
     if eos_at is not None:
         assert int(ar.num_generated[0]) <= eos_at + 1 < max_new
 
-    extra = decoding.BiTACarry.initial(tree, jnp.asarray(tokens), jnp.asarray(lens), config.vocab_size)
-    init = jax.jit(
-        lambda p, t, lens, s: decoding.initial_state(model_, p, t, lens, s, max_new, tree.step_rows, extra)
-    )
-    step = jax.jit(functools.partial(decoding.bita_loop_step, model_, tree, GREEDY), static_argnums=(2,))
+    extra = BiTACarry.initial(tree, jnp.asarray(tokens), jnp.asarray(lens), config.vocab_size)
+    init = jax.jit(lambda p, t, lens, s: initial_state(model_, p, t, lens, s, max_new, tree.step_rows, extra))
+    step = jax.jit(functools.partial(bita_loop_step, model_, tree, GREEDY), static_argnums=(2,))
     state = init(params, tokens, lens, streams)
     adapter_params = adapter(config, 0)
     rng = np.random.default_rng(0)
@@ -233,7 +238,7 @@ def test_oracle_drafts_equal_ar(model, eos_at, max_new):
 def test_step_compiles_once(model):
     config, params = model
     tree = parse_tree("upper:3", 3)
-    step = decoding.make_bita_step(config, tree)
+    step = make_bita_step(config, tree)
     cache, pending, streams = prefilled(config, params, PROMPTS)
     drafts = placeholder_drafts(tree, len(PROMPTS), config.vocab_size)
     for seed in range(3):
@@ -243,7 +248,6 @@ def test_step_compiles_once(model):
     assert step._cache_size() == 1
 
 
-@pytest.mark.slow
 def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     """data=4, tensor=2 on 8 fake devices: AR and BiTA outputs equal the 1-device outputs."""
     config, params = model
@@ -252,7 +256,7 @@ def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     adapter_params = adapter(config, 3)
     tree = parse_tree("upper:5", 3)
     ar = ar_generate(config, 20)(params, tokens, lens, streams)
-    bt = decoding.make_bita_generate(config, tree, 20)((params, adapter_params), tokens, lens, streams)
+    bt = make_bita_generate(config, tree, 20)((params, adapter_params), tokens, lens, streams)
 
     mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2))
     sharded = hf.load_params(tiny_checkpoint, config, tree_shardings(abstract_params(config), mesh))
@@ -262,10 +266,8 @@ def test_tensor_parallel_equals_single_device(model, tiny_checkpoint):
     lens_s, streams_s = (jax.device_put(x, logical_sharding(("batch",), mesh)) for x in (lens, streams))
     # Fresh jitted functions: the mesh and the rules are read at trace time.
     with mesh_rules(mesh):
-        ar_s = decoding.make_ar_generate(config, 20)(sharded, tokens_s, lens_s, streams_s)
-        bt_s = decoding.make_bita_generate(config, tree, 20)(
-            (sharded, sharded_adapter), tokens_s, lens_s, streams_s
-        )
+        ar_s = make_ar_generate(config, 20)(sharded, tokens_s, lens_s, streams_s)
+        bt_s = make_bita_generate(config, tree, 20)((sharded, sharded_adapter), tokens_s, lens_s, streams_s)
     assert_same_generation(ar, ar_s)
     assert_same_generation(bt, bt_s)
     assert_same_generation(ar, bt_s)

@@ -197,11 +197,6 @@ class DraftTree:
         return 1 + self.num_nodes
 
     @functools.cached_property
-    def stop_depth(self) -> np.ndarray:
-        """[1 + N] drafts accepted when a step stops at each stop (0 for the root)."""
-        return np.concatenate([[0], self.level + 1]).astype(np.int32)
-
-    @functools.cached_property
     def stop_path(self) -> np.ndarray:
         """[1 + N, Dt] node indices from level 0 down to each stop; entries past it repeat it.
 

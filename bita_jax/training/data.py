@@ -265,7 +265,6 @@ class BatchStream:
         cfg: DataConfig,
         vocab_size: int,
         num_masks: int,
-        pad_id: int,
         seed: int,
     ):
         if not examples:
@@ -276,7 +275,6 @@ class BatchStream:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.num_masks = num_masks
-        self.pad_id = pad_id
         self.seed = seed
         self.buckets = default_buckets(cfg, num_masks)
 
@@ -303,21 +301,6 @@ class BatchStream:
         """
         num_rows = self.cfg.max_groups * self.num_masks
         return max(int(np.sum(s["group"] == NORMAL)) for s in sequences) + num_rows
-
-    def batch(self, epoch: int, index: int, length: int | None = None) -> dict[str, np.ndarray]:
-        """Batch [local_batch, T] at a data position; T is the bucket of `needed_length` unless
-        given (hosts agree on one length).
-
-        Raises:
-          UserError: a given length shorter than `needed_length`.
-        """
-        sequences = self.sequences(epoch, index)
-        needed = self.needed_length(sequences)
-        if length is None:
-            length = bucket_for(needed, self.buckets)
-        if length < needed:
-            raise UserError(f"batch length {length} < {needed} (longest normal part + max_groups * M)")
-        return collate(sequences, length, self.pad_id)
 
     def advance(self, epoch: int, index: int) -> tuple[int, int]:
         """The data position after (epoch, index)."""

@@ -120,7 +120,7 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
     total_steps = cfg.steps or math.ceil(cfg.epochs * steps_per_epoch)
     local_batch = cfg.batch_size // jax.process_count()
     stream = data.BatchStream(
-        examples, local_batch, steps_per_epoch, cfg.data, model_cfg.vocab_size, M, model_cfg.pad_id, cfg.seed
+        examples, local_batch, steps_per_epoch, cfg.data, model_cfg.vocab_size, M, cfg.seed
     )
 
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)

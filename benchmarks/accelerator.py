@@ -149,7 +149,7 @@ def demo_end_to_end(preset: dict, work: str) -> dict:
     import bita_jax
     from bita_jax import demo
     from bita_jax.cli import tune as tune_cli
-    from bita_jax.cli.files import read_prompts
+    from bita_jax.io.prompts import read_prompts
 
     demo.require()
     adapter_dir = shutil.copytree(demo.ADAPTER_DIR, os.path.join(work, "adapter"), dirs_exist_ok=True)

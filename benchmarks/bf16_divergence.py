@@ -22,7 +22,7 @@ import numpy as np
 
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita.tree import parse_tree
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 from bita_jax.config import BiTAConfig, decoding_dtypes
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.cache import KVCache

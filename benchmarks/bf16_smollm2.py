@@ -1,8 +1,8 @@
 """BiTA vs AR on SmolLM2-135M-Instruct in float32 and bfloat16 (exact and fast precision), one run.
 
   GGUF=$(python -c 'from bita_jax.io.gguf import find_smollm2_gguf as f; print(f())')
-  python -m bita_jax.io.gguf $GGUF /work/models/smollm2-f32
-  python -m bita_jax.io.gguf $GGUF /work/models/smollm2-bf16 --dtype bfloat16
+  python -m bita_jax.cli.gguf $GGUF /work/models/smollm2-f32
+  python -m bita_jax.cli.gguf $GGUF /work/models/smollm2-bf16 --dtype bfloat16
   python benchmarks/bf16_smollm2.py --f32-model /work/models/smollm2-f32 \
       --bf16-model /work/models/smollm2-bf16 --adapter RUN/adapter --num-prompts 64 --max-new-tokens 128
 
@@ -22,7 +22,7 @@ import platform
 
 import bita_jax
 from bita_jax.bita.tree import DEFAULT_TREE
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 
 SETTINGS = (  # (name, model argument, dtype, precision)
     ("f32", "f32_model", "float32", "exact"),

@@ -24,7 +24,7 @@ import numpy as np
 
 import bita_jax
 from bita_jax import demo
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 
 DEMO = os.path.dirname(demo.__file__)
 

@@ -29,7 +29,7 @@ import numpy as np
 from bita_jax import api, demo
 from bita_jax.bita.tree import parse_tree
 from bita_jax.cli.bench import run_hf
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 from bita_jax.training import data
 from bita_jax.tuning import tuner
 
@@ -98,7 +98,10 @@ def bench_set(model: api.Model, name: str, texts: list[str], max_new: int, batch
     ar = timed_run(model, texts, mode="ar", max_new_tokens=max_new, batch_size=batch)
     ar_tokens = sum(len(g.output_ids) for g in ar.generations)
     examples = [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in ar.records]
-    stats = tuner.acceptance_statistics(model, [e for e in examples if len(e.target) > 1], tuner.DEFAULT_MAX_RANK)
+    examples = [e for e in examples if len(e.target) > 1]
+    stats = tuner.acceptance_statistics(
+        model.config, model.params, model.adapter, examples, tuner.DEFAULT_MAX_RANK
+    )
     result = {"prompts": len(texts), "ar_tokens_per_s": ar_tokens / ar.seconds, "methods": {}}
     print(f"AR: {ar_tokens / ar.seconds:.1f} tokens/s", flush=True)
     for label, mode, spec in methods:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bita_jax  # noqa: E402
 from bita_jax import demo  # noqa: E402
 from bita_jax.bita import adapter as bita_adapter  # noqa: E402
-from bita_jax.cli.files import read_prompts  # noqa: E402
+from bita_jax.io.prompts import read_prompts  # noqa: E402
 from bita_jax.config import BiTAConfig  # noqa: E402
 from bita_jax.io import adapter_files  # noqa: E402
 

@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bita_jax  # noqa: E402
 from bita_jax import demo  # noqa: E402
 from bita_jax.bita.tree import parse_tree  # noqa: E402
-from bita_jax.cli.files import read_prompts  # noqa: E402
-from bita_jax.tuning import step_cost, tuner  # noqa: E402
+from bita_jax.cli.tune import measured_speed  # noqa: E402
+from bita_jax.io.prompts import read_prompts  # noqa: E402
+from bita_jax.tuning import step_cost  # noqa: E402
 from bita_jax.tuning.choice import predict  # noqa: E402
 
 NAMED = {
@@ -65,7 +66,7 @@ def main() -> int:
         prompt_len,
         args.max_new_tokens,
     )
-    ar_tau, ar_tps, ar_ids = tuner.measured_speed(model, texts, None, B, args.max_new_tokens)
+    ar_tau, ar_tps, ar_ids = measured_speed(model, texts, None, B, args.max_new_tokens)
     ar_pred = B / costs.ar_seconds
     header = (
         f"{'tree':<22}{'rows':>5}{'tau unif':>9}{'tau repl':>9}{'tau meas':>9}{'repl err':>9}"
@@ -80,7 +81,7 @@ def main() -> int:
     rows = [{"tree": "AR", "rows": 1, "tokens_per_s_predicted": ar_pred, "tokens_per_s_measured": ar_tps}]
     for name, tree in trees.items():
         (pred,) = predict([(tree, stats.replayed_tokens(tree))], costs)
-        tau, tps, ids = tuner.measured_speed(model, texts, tree, B, args.max_new_tokens)
+        tau, tps, ids = measured_speed(model, texts, tree, B, args.max_new_tokens)
         row = {
             "tree": name, "rows": tree.num_rows, "tau_uniform": stats.expected_tokens(tree),
             "tau_replayed": pred.tau, "tau_measured": tau, "tokens_per_s_predicted": pred.tokens_per_s,

@@ -6,9 +6,9 @@ The public API (bita_jax/api.py):
     model = bita_jax.load("MODEL_DIR", adapter="ADAPTER_DIR", dtype="float32")   # adapter optional
     records = model.generate(["def add(a, b):"], max_new_tokens=64, mode="bita", tree="upper:5")
 
-Sub-packages, intended to import downwards only: cli, tuning > training, decoding > bita > models,
-io; config, sharding and errors are shared by all. docs/architecture.md lists them and the imports that
-still run against that order.
+Sub-packages import downwards only, in this order (top first): recipe > cli > api > demo > tuning >
+training > io > decoding > bita > models > sharding > config > errors. docs/architecture.md gives the
+reasons; tests/test_layering.py fails on an import that climbs or a cycle.
 """
 
 from __future__ import annotations

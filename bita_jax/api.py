@@ -26,9 +26,10 @@ from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
 from bita_jax.decoding import engine as slot_engine
 from bita_jax.decoding import loop, runner
 from bita_jax.decoding.sampling import Sampler, ignored_options, used_options
-from bita_jax.errors import ConfigError, PromptError
+from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.io.gguf import resolve_model
+from bita_jax.io.prompts import check_prompts
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import check_mesh_fits, check_platform, make_mesh, mesh_rules, tree_shardings
@@ -425,28 +426,6 @@ def result_records(
         }
         for text, ids, budget, gen in zip(texts, prompt_ids, budgets, generations, strict=True)
     ]
-
-
-def check_prompts(prompts: Sequence[str]) -> None:
-    """Refuses, before any work, what no decode can make sense of: a bare string (which would be one
-    prompt per character), and prompts that are not text, blank, or not encodable Unicode.
-
-    Raises:
-      ConfigError: `prompts` is a string or not a sequence. PromptError: naming the first bad prompt.
-    """
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ConfigError(f"prompts must be a list of strings, got {type(prompts).__name__}: pass [text]")
-    for index, text in enumerate(prompts):
-        if not isinstance(text, str):
-            raise PromptError(index, f"is not a string but {type(text).__name__}")
-        if not text.strip():
-            raise PromptError(index, "is empty" if not text else "is only whitespace")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate, as from "\\ud800" in JSON
-            raise PromptError(
-                index, f"holds invalid Unicode (lone surrogate {text[e.start]!a} at character {e.start})"
-            ) from None
 
 
 def load(

@@ -8,7 +8,7 @@ import pytest
 
 import bita_jax
 from bita_jax import demo
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
 MAX_NEW = 64

@@ -10,6 +10,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from bita_jax.cli import gguf as gguf_cli
 from bita_jax.cli import run_main
 from bita_jax.config import ConfigError
 from bita_jax.io import gguf as gguf_io
@@ -183,7 +184,7 @@ def test_non_llama_architecture_is_refused_in_one_line(tmp_path, capsys):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert run_main(gguf_io.main, [path, str(tmp_path / "out")]) == 2
+    assert run_main(gguf_cli.main, [path, str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {path}: architecture 'qwen2' is not supported (only 'llama')\n"
     assert not os.path.exists(tmp_path / "out")

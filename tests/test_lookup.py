@@ -13,7 +13,7 @@ import bita_jax
 from bita_jax import demo
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita.tree import DraftTree, parse_tree
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 from bita_jax.config import BiTAConfig
 from bita_jax.decoding import lookup, loop, runner
 from bita_jax.decoding.sampling import GREEDY, Sampler

@@ -26,7 +26,7 @@ import numpy as np
 from bita_jax import api, demo
 from bita_jax.bita.tree import parse_tree
 from bita_jax.cli import UserError, run_main
-from bita_jax.cli.files import read_prompts
+from bita_jax.io.prompts import read_prompts
 
 
 @dataclasses.dataclass

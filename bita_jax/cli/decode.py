@@ -36,14 +36,15 @@ from tqdm import tqdm
 
 from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError
-from bita_jax.cli.files import ResultsFile, read_prompt_lines
-from bita_jax.cli.reports import acceptance_report, comparison_report, summarize
+from bita_jax.cli.files import ResultsFile
+from bita_jax.cli.reports import acceptance_report, comparison_report, fastest_of_two, summarize
 from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.engine import BATCHING, CHUNK_STEPS
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
 from bita_jax.errors import PromptError
 from bita_jax.io.fingerprint import adapter_fingerprint, model_fingerprint
+from bita_jax.io.prompts import check_prompts, read_prompt_lines
 from bita_jax.tuning.auto import AUTO
 
 
@@ -165,7 +166,7 @@ def prompt_texts(args) -> tuple[list[str], list[int], list[str]]:
             raise UserError(f"--prompt {text} names a file: to decode its prompts, use --prompts {text}")
     where = [f"--prompt {i + 1}" for i in range(len(args.prompt))]
     try:  # empty, or invalid Unicode (undecodable bytes in the command line)
-        api.check_prompts(args.prompt)
+        check_prompts(args.prompt)
     except PromptError as e:
         raise UserError(f"{where[e.index]} {e.reason}") from None
     return args.prompt, [args.max_new_tokens] * len(args.prompt), where
@@ -196,13 +197,6 @@ def run_identity(args: argparse.Namespace, mode: str, sampling: dict, plan=None)
         identity["mode"] = plan.mode
         identity["tree"] = None if plan.tree is None else [list(p) for p in plan.tree.paths]
     return identity
-
-
-def fastest_of_two(model: api.Model, texts: list[str], first: api.Run, **options) -> api.Run:
-    """The faster of `first` and a second identical run. On CPU the first run of each compiled
-    loop is up to 2x slower (cold executables and caches), which would skew a comparison."""
-    again = model.run(texts, **options)
-    return again if again.seconds < first.seconds else first
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ import jax
 from tqdm import tqdm
 
 from bita_jax import api, demo
-from bita_jax.cli.decode import fastest_of_two
-from bita_jax.cli.files import read_prompts
+from bita_jax.cli.reports import fastest_of_two
+from bita_jax.io.prompts import read_prompts
 from bita_jax.tuning.auto import AUTO, AutoTree
 
 MAX_NEW_TOKENS = 128

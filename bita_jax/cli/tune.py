@@ -26,11 +26,15 @@ import time
 import numpy as np
 
 from bita_jax import api
+from bita_jax.bita.tree import DraftTree
 from bita_jax.cli import UserError
 from bita_jax.cli.bench import parse_batch_sizes
-from bita_jax.config import DTYPES
+from bita_jax.cli.reports import fastest_of_two
+from bita_jax.config import DTYPES, DataConfig
 from bita_jax.io import lock
 from bita_jax.io.paths import check_writable_dir
+from bita_jax.io.prompts import read_prompts
+from bita_jax.training import data
 from bita_jax.tuning import step_cost, tuner
 from bita_jax.tuning.choice import Prediction, load_store, save_store
 
@@ -50,6 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", default="tune_out", help="tune.json and tune.png go here")
     return parser
+
+
+def calibration_examples(
+    model: api.Model, model_dir: str, path: str, max_new_tokens: int, batch_size: int
+) -> list[data.Example]:
+    """(source, target) calibration examples from a decode.py jsonl, or from a prompts jsonl by
+    greedy AR decoding (max_new_tokens each, batch_size at a time)."""
+    if tuner.has_outputs(path):
+        config = DataConfig(path=path, max_length=model.config.max_position_embeddings)
+        return data.read_examples(config, model_dir, model.config.eos_token_ids[0])
+    run = model.run(read_prompts(path), max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
+    return [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in run.records]
+
+
+def measured_speed(model: api.Model, prompts: list[str], tree: DraftTree | None, batch_size: int,
+                   max_new_tokens: int) -> tuple[float, float, list[list[int]]]:  # fmt: skip
+    """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
+    compiles excluded; the faster of two runs (the first also warms the executable up)."""
+    options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree.spec}
+    options.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    run = fastest_of_two(model, prompts, model.run(prompts, **options), **options)
+    tokens = sum(len(g.output_ids) for g in run.generations)
+    steps = sum(g.steps for g in run.generations)
+    return tokens / steps, tokens / run.seconds, [g.output_ids for g in run.generations]
 
 
 def tree_label(p: Prediction) -> str:
@@ -87,7 +115,7 @@ def measure_rows(
     for p in [tuning.choice.ar, *tuner.shown_trees(tuning)]:
         tau, speed = float("nan"), float("nan")
         if prompts:
-            tau, speed, _ = tuner.measured_speed(
+            tau, speed, _ = measured_speed(
                 model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens
             )
         rows.append(
@@ -165,8 +193,8 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
     model = api.load(args.model, adapter=args.adapter, dtype=args.dtype)
     device_kind = step_cost.current_device_kind()
     start = time.perf_counter()
-    examples = tuner.calibration_examples(model, args.model, args.data, args.max_new_tokens, max(batch_sizes))
-    stats = tuner.acceptance_statistics(model, examples, args.max_rank)
+    examples = calibration_examples(model, args.model, args.data, args.max_new_tokens, max(batch_sizes))
+    stats = tuner.acceptance_statistics(model.config, model.params, model.adapter, examples, args.max_rank)
     print(
         f"statistics: {len(examples)} sequences, {stats.num_points} drafting points, "
         f"{len(stats.counts)} rank paths ({time.perf_counter() - start:.1f} s)",
@@ -175,14 +203,14 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
     prompt_len = int(np.median([len(e.source) for e in examples]))  # step costs: caches sized for these
     prompts = []
     if args.measure_prompts > 0:
-        from bita_jax.cli.files import read_prompts
-
         prompts = read_prompts(args.data)[: args.measure_prompts]
     title = f"{device_kind} {args.dtype}, {os.path.basename(os.path.normpath(args.adapter))}"
     results, choices = [], []
     for batch in batch_sizes:
         start = time.perf_counter()
-        tuning = tuner.tune_batch_size(model, stats, batch, args.max_rows, prompt_len, args.max_new_tokens)
+        tuning = tuner.tune_batch_size(
+            model.config, model.params, model.adapter, stats, batch, args.max_rows, prompt_len, args.max_new_tokens
+        )
         choices.append(tuning.choice)
         print(f"batch {batch}: step costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         rows = measure_rows(model, tuning, prompts, args.max_new_tokens)

@@ -51,7 +51,7 @@ WIDE_TREE = json.dumps(
 def calibration_prompts(demo_dir: str = DEMO_DIR) -> list[str]:
     """The held-out prompts that are not demo prompts: the tuner's calibration data for the demo,
     so the demo's tokens per step checks the statistics on prompts they never saw."""
-    from bita_jax.cli.files import read_prompts
+    from bita_jax.io.prompts import read_prompts
 
     shown = set(read_prompts(os.path.join(demo_dir, "demo_prompts.jsonl")))
     return [p for p in read_prompts(os.path.join(demo_dir, "prompts.jsonl")) if p not in shown]

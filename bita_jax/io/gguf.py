@@ -1,6 +1,6 @@
 """GGUF (llama.cpp) -> Hugging Face LlamaForCausalLM checkpoint directory.
 
-  python -m bita_jax.io.gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16]
+  python -m bita_jax.cli.gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16]   (bita_jax/cli/gguf.py)
 
 Writes model.safetensors, config.json, generation_config.json and the tokenizer files (with the
 chat template) that `LlamaForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`
@@ -17,7 +17,6 @@ gguf, accelerate and torch are imported only here (`pip install -e ".[gguf]"`).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -154,20 +153,3 @@ def resolve_model(name: str) -> str:
         convert(source, partial, dtype)
         os.replace(partial, out)  # a killed conversion never looks finished
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("gguf_file", help="a llama-architecture .gguf file")
-    parser.add_argument("out_dir", help="output checkpoint directory (created)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the saved weights")
-    args = parser.parse_args(argv)
-    out = convert(args.gguf_file, args.out_dir, args.dtype)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    from bita_jax.cli import run_main  # the command line only: io never imports the CLI layer
-
-    sys.exit(run_main(main))

@@ -2,25 +2,24 @@
 
 `python -m bita_jax.tune` (bita_jax/cli/tune.py) is its command line. Calibration sequences must be
 the base model's own greedy outputs (BiTA accepts exactly those): decode.py records with
-`output_ids` are used as they are; prompts without them are decoded greedily first.
+`output_ids` are used as they are; prompts without them are decoded greedily first, by the command
+line through the API (this module sits below it: it takes the config, params and adapter).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
+from bita_jax.bita.adapter import Adapter
 from bita_jax.bita.tree import DraftTree
-from bita_jax.config import DataConfig
+from bita_jax.config import ModelConfig
 from bita_jax.errors import UserError
 from bita_jax.training import data
 from bita_jax.tuning import calibrate, step_cost
 from bita_jax.tuning.choice import Choice, Prediction, StepCosts, TreeStore, choose, predict
 from bita_jax.tuning.stats import AcceptanceStats
-
-if TYPE_CHECKING:
-    from bita_jax.api import Model
 
 DEFAULT_MAX_RANK = 8
 DEFAULT_MAX_ROWS = 160
@@ -40,27 +39,14 @@ def has_outputs(path: str) -> bool:
     )
 
 
-def calibration_examples(
-    model: Model, model_dir: str, path: str, max_new_tokens: int, batch_size: int
-) -> list[data.Example]:
-    """(source, target) calibration examples from a decode.py jsonl, or from a prompts jsonl by
-    greedy AR decoding (max_new_tokens each, batch_size at a time)."""
-    if has_outputs(path):
-        config = DataConfig(path=path, max_length=model.config.max_position_embeddings)
-        return data.read_examples(config, model_dir, model.config.eos_token_ids[0])
-    from bita_jax.cli.files import read_prompts
-
-    run = model.run(read_prompts(path), max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
-    return [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in run.records]
-
-
-def acceptance_statistics(model: Model, examples: list[data.Example], max_rank: int) -> AcceptanceStats:
-    """Teacher-forcing ranks and lookup runs of every drafting point of the examples, as statistics."""
+def acceptance_statistics(
+    config: ModelConfig, params: Any, adapter: Adapter, examples: list[data.Example], max_rank: int
+) -> AcceptanceStats:
+    """Teacher-forcing ranks and lookup runs of every drafting point of the examples (the base
+    model's params and the adapter, as `bita_jax.load` places them), as statistics."""
     longest = max(len(e.source) + len(e.target) for e in examples)
-    ranks = calibrate.teacher_forced_ranks(
-        model.config, model.params, model.adapter, examples, max_length=longest
-    )
-    runs = calibrate.lookup_runs(examples, model.config.vocab_size)
+    ranks = calibrate.teacher_forced_ranks(config, params, adapter, examples, max_length=longest)
+    runs = calibrate.lookup_runs(examples, config.vocab_size)
     return AcceptanceStats.from_ranks(ranks, max_rank, runs)
 
 
@@ -89,7 +75,9 @@ class Tuning:
 
 
 def tune_batch_size(
-    model: Model,
+    config: ModelConfig,
+    params: Any,
+    adapter: Adapter,
     stats: AcceptanceStats,
     batch_size: int,
     max_rows: int = DEFAULT_MAX_ROWS,
@@ -107,7 +95,7 @@ def tune_batch_size(
     num_masks = stats.num_masks
     ladder = step_cost.ladder_trees(num_masks, max_rows)
     measure = lambda trees: step_cost.measure_step_costs(  # noqa: E731
-        model.config, model.params, model.adapter, [batch_size], trees, prompt_len, max_new_tokens, repeats
+        config, params, adapter, [batch_size], trees, prompt_len, max_new_tokens, repeats
     )[0]
     costs = measure(ladder)
     candidates = stats.best_trees(costs.tree_rows[-1])
@@ -146,20 +134,3 @@ def shown_trees(tuning: Tuning, budgets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64
     if tuning.choice.best_tree is not None:
         shown[tuning.choice.best_tree.tree] = tuning.choice.best_tree
     return sorted(shown.values(), key=lambda p: p.rows)
-
-
-def measured_speed(model: Model, prompts: list[str], tree: DraftTree | None, batch_size: int,
-                   max_new_tokens: int, runs: int = 2) -> tuple[float, float, list[list[int]]]:  # fmt: skip
-    """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
-    compiles excluded; the fastest of `runs` runs (the first also warms the executable up)."""
-    if tree is None:
-        options = {"mode": "ar"}
-    else:
-        options = {"mode": "bita", "tree": tree.spec}
-    seconds = []
-    for _ in range(runs):
-        run = model.run(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, **options)
-        seconds.append(run.seconds)
-    tokens = sum(len(g.output_ids) for g in run.generations)
-    steps = sum(g.steps for g in run.generations)
-    return tokens / steps, tokens / min(seconds), [g.output_ids for g in run.generations]

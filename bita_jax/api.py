@@ -93,10 +93,10 @@ class GenerateOptions:
         per prompt.
       mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
         prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
-      tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype
-        and batch size; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths, each
-        optionally with a prompt-lookup chain `+lookup:n`; or `lookup:n` alone. In mode "lookup"
-        "auto" means `lookup:4`.
+      tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype,
+        batch size, sampling, precision and chat, docs/tuning.md; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths, each
+        optionally with a prompt-lookup chain `+lookup:n`; or `lookup:n` alone; or a `DraftTree`.
+        In mode "lookup" "auto" means `lookup:4`.
       batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
       chat: wrap prompts in the tokenizer's chat template.
       temperature: 0 decodes greedily; above 0 samples from softmax(logits / temperature), after
@@ -112,7 +112,7 @@ class GenerateOptions:
 
     max_new_tokens: int | Sequence[int] = 128
     mode: str | None = None
-    tree: str = AUTO
+    tree: str | DraftTree = AUTO
     batch_size: int = 1
     chat: bool = False
     temperature: float = 0.0
@@ -157,7 +157,8 @@ class Model:
     mesh: Mesh | None = None
     adapter_dir: str | None = None  # its trees.json is read when tree="auto" first needs it
     _tree_store: TreeStore | None = dataclasses.field(default=None, repr=False)
-    _auto: dict[int, AutoTree] = dataclasses.field(default_factory=dict, repr=False)  # batch -> auto
+    # (batch size, sampled, chat) -> what tree="auto" resolved to
+    _auto: dict[tuple[int, bool, bool], AutoTree] = dataclasses.field(default_factory=dict, repr=False)
     # Slot engines by (mode, tree, sampler, slots, cache length, output room, EOS, chunk steps);
     # each holds its compiled chunk and inserts.
     _engines: dict[Any, slot_engine.Engine] = dataclasses.field(default_factory=dict, repr=False)
@@ -217,7 +218,7 @@ class Model:
                 raise ConfigError("mode bita needs an adapter (bita_jax.load(..., adapter=DIR))")
             if options.tree == AUTO:
                 if prompts:  # no prompts: no batch size to resolve a tree for
-                    auto = self.auto_tree(batch_size)
+                    auto = self.auto_tree(batch_size, not sampler.is_greedy, options.chat)
                     draft_tree = auto.tree
                     mode = "bita" if draft_tree is not None else "ar"
             else:
@@ -239,22 +240,25 @@ class Model:
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], budgets)
         return _Plan(mode, draft_tree, auto, sampler, prompt_ids, budgets, batch_size)
 
-    def auto_tree(self, batch_size: int) -> AutoTree:
-        """What tree="auto" decodes with at this batch size (resolved once per Model and batch size).
+    def auto_tree(self, batch_size: int, sampled: bool = False, chat: bool = False) -> AutoTree:
+        """What tree="auto" decodes with at this batch size, for greedy or sampled decoding, with or
+        without the chat template (resolved once per Model and setting; `tuning/auto.py`).
 
-        Says in one line on stderr when it decodes AR, measured step costs, or fell back to the
-        default tree for lack of statistics; a stored tree choice is silent.
+        Says in one line on stderr when it decodes AR, measured step costs, fell back to the
+        default tree, or took a choice stored for another chat setting; a tree stored for exactly
+        this setting is silent.
         """
-        if batch_size not in self._auto:
+        setting = (batch_size, sampled, chat)
+        if setting not in self._auto:
             with mesh_rules(self.mesh):
                 auto = resolve_auto_tree(
                     self.tree_store, self.config, self.params, self.adapter,
-                    self.bita_config.num_mask_tokens, batch_size,
+                    self.bita_config.num_mask_tokens, batch_size, sampled, chat,
                 )  # fmt: skip
-            if auto.tree is None or auto.source != "stored":
+            if not auto.silent:
                 print(auto.note(), file=sys.stderr)
-            self._auto[batch_size] = auto
-        return self._auto[batch_size]
+            self._auto[setting] = auto
+        return self._auto[setting]
 
     def run(
         self,

@@ -40,6 +40,13 @@ def decoding_dtypes(dtype: str, precision: str) -> dict[str, str]:
     return {"dtype": dtype, "activation_dtype": "float32" if precision == "exact" else dtype}
 
 
+def precision_of(config: "ModelConfig") -> str:
+    """The precision policy a decoding config computes under (the inverse of `decoding_dtypes`):
+    "exact" when it computes in float32, which float32 weights do under either policy (the same
+    computation), else "fast"."""
+    return "exact" if config.compute_dtype == "float32" else "fast"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """LLaMA-family architecture, read from a Hugging Face `config.json`.

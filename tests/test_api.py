@@ -66,6 +66,27 @@ def test_second_generate_does_not_compile(tiny_checkpoint, adapter_dir):
     assert sampled.compile_seconds > 0 and reseeded.compile_seconds == 0
 
 
+def test_a_draft_tree_is_accepted_where_a_tree_spec_is(tiny_checkpoint, adapter_dir):
+    import bita_jax
+    from bita_jax.bita.tree import DraftTree, parse_tree
+    from bita_jax.errors import ConfigError
+
+    model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
+    prompts = ["def add(a, b):", "import os"]
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)]).with_lookup(2)
+    by_spec = model.run(prompts, max_new_tokens=8, mode="bita", tree=tree.spec)
+    by_tree = model.run(prompts, max_new_tokens=8, mode="bita", tree=tree)
+    assert by_tree.tree == by_spec.tree == tree and by_tree.compile_seconds == 0  # the same engine
+    assert [r["output_ids"] for r in by_tree.records] == [r["output_ids"] for r in by_spec.records]
+    lookup = model.run(prompts, max_new_tokens=8, mode="lookup", tree=parse_tree("lookup:3", 0))
+    assert lookup.tree == DraftTree((), 3)
+    with pytest.raises(ConfigError, match="depth 4 exceeds the adapter's 3 mask tokens"):
+        model.check(prompts, mode="bita", tree=DraftTree.from_paths([(0,) * (m + 1) for m in range(4)]))
+    for given in (tree, tree.spec):  # mode lookup drafts without the adapter: refused alike
+        with pytest.raises(ConfigError, match="drafts with mask tokens: it needs an adapter"):
+            model.check(prompts, mode="lookup", tree=given)
+
+
 def test_mode_errors(tiny_checkpoint):
     import bita_jax
     from bita_jax.errors import ConfigError

@@ -141,3 +141,19 @@ def test_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path, capsys):
 
     assert_user_error(capsys, ["--prompt", "hi"], "--model DIR is required")
     assert_user_error(capsys, ["--model", tiny_checkpoint], "no prompts")
+
+
+@pytest.mark.parametrize("script", ["bita-decode", "bita-train", "bita-tune"])
+def test_console_scripts_run_the_command_lines(script, monkeypatch, capsys):
+    """pyproject.toml's console scripts name each command line's `console`, which answers --help."""
+    import importlib
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
+        target = tomllib.load(f)["project"]["scripts"][script]
+    module, function = target.split(":")
+    assert module == f"bita_jax.cli.{script.removeprefix('bita-')}" and function == "console"
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        getattr(importlib.import_module(module), function)()
+    assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out

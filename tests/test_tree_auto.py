@@ -19,7 +19,7 @@ from bita_jax.io import hf
 from bita_jax.io.adapter_files import save_adapter
 from bita_jax.tuning import auto as auto_module
 from bita_jax.tuning.auto import resolve_auto_tree
-from bita_jax.tuning.choice import StepCosts, TreeStore, choose, load_store, save_store
+from bita_jax.tuning.choice import ChoiceKey, StepCosts, TreeStore, choose, load_store, save_store
 from bita_jax.tuning.stats import AcceptanceStats
 from bita_jax.tuning.step_cost import current_device_kind
 
@@ -65,7 +65,7 @@ def test_tune_cli_then_auto_equals_ar(tiny_checkpoint, adapter_dir, tmp_path, ca
 
     store = load_store(adapter_dir)
     kind = current_device_kind()
-    assert set(store.choices) == {(kind, "float32", 2)}
+    assert set(store.choices) == {ChoiceKey(kind, "float32", 2, "greedy", "exact", False)}
     model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
     auto_run, ar_run = decode_both(model, batch_size=2)
     # The statistics follow the base model's own greedy outputs: one drafting point per token but the last.
@@ -108,6 +108,22 @@ def test_auto_decodes_a_stored_tree_or_ar_as_stored(tiny_checkpoint, adapter_dir
     assert note.startswith(f"tree auto: AR on {kind} float32 batch 1")
 
 
+def test_a_sampled_run_does_not_reuse_a_greedy_choice(tiny_checkpoint, adapter_dir, capsys):
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)])
+    wins = choose([(tree, 1.8)], StepCosts(2, 0.01, (4, 20), (0.011, 0.02)))  # greedy: 1.8 / 1.35 x AR
+    save_store(adapter_dir, TreeStore(hand_statistics()).with_choice(current_device_kind(), "float32", wins))
+    model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
+    options = dict(max_new_tokens=MAX_NEW, batch_size=2, temperature=0.8, seed=3)
+    sampled = model.run(PROMPTS, mode="bita", tree="auto", **options)
+    assert sampled.auto.key.sampling == "sampled" and sampled.auto.source == "default"
+    assert sampled.tree == parse_tree(DEFAULT_TREE, BITA.num_mask_tokens)
+    (note,) = capsys.readouterr().err.splitlines()
+    assert "no choice for sampled decoding" in note and "batch 2 sampled" in note
+    assert output_ids(sampled) == output_ids(model.run(PROMPTS, mode="ar", **options))
+    greedy, _ = decode_both(model, batch_size=2)  # the same Model: greedy still takes the stored tree
+    assert (greedy.auto.source, greedy.tree) == ("stored", tree)
+
+
 def test_auto_without_trees_json_uses_the_default_tree(tiny_checkpoint, adapter_dir, capsys):
     model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
     default_run, ar_run = decode_both(model, batch_size=2)
@@ -124,7 +140,7 @@ def test_auto_measures_step_costs_when_no_choice_is_stored(tiny_checkpoint, monk
     adapter = init_adapter(config, BITA, jax.random.key(5))
     stats = hand_statistics()
     decided = resolve_auto_tree(TreeStore(stats), config, params, adapter, 3, batch_size=2)
-    assert decided.source == "measured" and decided.key == (current_device_kind(), "float32", 2)
+    assert decided.source == "measured" and decided.key == ChoiceKey(current_device_kind(), "float32", 2)
     costs = decided.choice
     assert costs.ar.step_seconds > 0 and costs.best_tree.rows <= 9
     # The decision is the choice rule applied to what was measured.

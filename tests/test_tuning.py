@@ -18,7 +18,7 @@ from bita_jax.io import hf
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import data
 from bita_jax.tuning import calibrate, step_cost
-from bita_jax.tuning.choice import Choice, StepCosts, TreeStore, choose, load_store, save_store
+from bita_jax.tuning.choice import Choice, ChoiceKey, StepCosts, TreeStore, choose, load_store, save_store
 from bita_jax.tuning.stats import AcceptanceStats
 
 # Six drafting points, three masks; with max_rank 3 the rank 5 and the -1 are misses.
@@ -205,6 +205,59 @@ def test_trees_json_round_trip(tmp_path):
     assert loaded.lookup("cpu", "float32", 2) is None
     (tmp_path / "trees.json").write_text('{"format_version": 1, "choices": [{"dtype": 3}]}')
     with pytest.raises(UserError, match="trees.json"):
+        load_store(str(tmp_path))
+
+
+def test_choices_are_keyed_by_sampling_precision_and_chat_with_chat_the_only_fallback(tmp_path):
+    stats = AcceptanceStats.from_ranks(HAND_RANKS, max_rank=3)
+    chain = DraftTree.from_paths([(0,), (0, 0)])
+    greedy = choose([(chain, 1.8)], costs(1.2, batch_size=1))  # the chain: 1.8 / 1.2
+    sampled_chat = choose([(chain, 1.1)], costs(1.2, batch_size=1))  # AR
+    store = TreeStore(stats).with_choice("cpu", "float32", greedy)
+    store = store.with_choice("cpu", "float32", sampled_chat, sampling="sampled", chat=True)
+    save_store(str(tmp_path), store)
+    loaded = load_store(str(tmp_path))
+    assert set(loaded.choices) == {
+        ChoiceKey("cpu", "float32", 1),
+        ChoiceKey("cpu", "float32", 1, sampling="sampled", precision="exact", chat=True),
+    }
+    key = ChoiceKey("cpu", "float32", 1)
+    assert loaded.resolve(key) == (key, greedy)
+    # chat the other way is the one fallback
+    assert loaded.resolve(key._replace(chat=True)) == (key, greedy)
+    sampled = key._replace(sampling="sampled")
+    assert loaded.resolve(sampled) == (sampled._replace(chat=True), sampled_chat)
+    assert loaded.resolve(sampled._replace(chat=True)) == (sampled._replace(chat=True), sampled_chat)
+    # a greedy choice is never taken for sampling, nor one for another precision, dtype or batch
+    assert TreeStore(stats).with_choice("cpu", "float32", greedy).resolve(sampled) is None
+    for other in [key._replace(precision="fast"), key._replace(dtype="bfloat16"), key._replace(batch_size=2)]:
+        assert loaded.resolve(other) is None
+
+
+def test_trees_json_written_before_the_key_grew_reads_as_greedy_exact_without_chat():
+    """The packaged demo's trees.json has no sampling, precision or chat in its choices."""
+    from bita_jax import demo
+
+    with open(f"{demo.ADAPTER_DIR}/trees.json") as f:
+        raw = json.load(f)
+    assert raw["choices"] and not any({"sampling", "precision", "chat"} & set(c) for c in raw["choices"])
+    store = load_store(demo.ADAPTER_DIR)
+    assert set(store.choices) == {
+        ChoiceKey(c["device_kind"], c["dtype"], c["batch_size"], "greedy", "exact", False)
+        for c in raw["choices"]
+    }
+    assert store.lookup("cpu", "float32", 1) is not None
+    assert store.lookup("cpu", "float32", 1, sampling="sampled") is None
+    assert TreeStore.from_json(store.to_json()).choices == store.choices
+
+
+def test_unknown_sampling_or_precision_in_trees_json_is_refused(tmp_path):
+    store = TreeStore(AcceptanceStats.from_ranks(HAND_RANKS, max_rank=3))
+    store = store.with_choice("cpu", "float32", choose([], costs(1.0)))
+    data = store.to_json()
+    data["choices"][0]["sampling"] = "beam"
+    (tmp_path / "trees.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="sampling or precision"):
         load_store(str(tmp_path))
 
 

@@ -275,14 +275,21 @@ class DraftTree:
         return f"{nodes}, depth {self.depth}, {self.num_rows} rows per step"
 
 
-def parse_tree(spec: str, num_masks: int) -> DraftTree:
+def parse_tree(spec: str | DraftTree, num_masks: int) -> DraftTree:
     """Parses a --tree spec for an adapter with `num_masks` mask tokens (0: no adapter).
 
     Specs: "upper:K" (reference upper-triangle tree of width K over min(K, M) levels), "chain"
     (one rank-0 node per level, M levels), a JSON list of paths such as "[[0], [1], [0, 0]]",
     "lookup:n" (a prompt-lookup chain of n nodes, no adapter needed), or a mask spec and a lookup
-    chain joined by "+", such as "upper:3+lookup:4".
+    chain joined by "+", such as "upper:3+lookup:4". A DraftTree is taken as it is, checked as
+    the tree of its spec would be.
     """
+    if isinstance(spec, DraftTree):
+        if spec.mask_depth and num_masks < 1:
+            raise ConfigError(
+                f"tree {spec.spec!r} drafts with mask tokens: it needs an adapter (lookup:n does not)"
+            )
+        return _check_depth(spec, num_masks)
     parts = [part.strip() for part in spec.strip().split("+")]
     lookups = [p for p in parts if p.startswith("lookup:")]
     masks = [p for p in parts if not p.startswith("lookup:")]
@@ -328,6 +335,13 @@ def _parse_mask_tree(spec: str, num_masks: int) -> DraftTree:
         raise ConfigError(
             f"bad tree spec {spec!r}: expected upper:K, chain, a JSON list of paths or lookup:n"
         )
-    if tree.depth > num_masks:
-        raise ConfigError(f"draft tree depth {tree.depth} exceeds the adapter's {num_masks} mask tokens")
+    return _check_depth(tree, num_masks)
+
+
+def _check_depth(tree: DraftTree, num_masks: int) -> DraftTree:
+    """The tree, if the adapter's num_masks mask tokens reach its depth of mask drafts."""
+    if tree.mask_depth > num_masks:
+        raise ConfigError(
+            f"draft tree depth {tree.mask_depth} exceeds the adapter's {num_masks} mask tokens"
+        )
     return tree

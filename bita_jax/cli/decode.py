@@ -35,7 +35,7 @@ import sys
 from tqdm import tqdm
 
 from bita_jax import api
-from bita_jax.cli import DefaultsHelpFormatter, UserError
+from bita_jax.cli import DefaultsHelpFormatter, UserError, run_main
 from bita_jax.cli.files import ResultsFile
 from bita_jax.cli.reports import acceptance_report, comparison_report, fastest_of_two, summarize
 from bita_jax.config import DTYPES, PRECISIONS
@@ -315,7 +315,10 @@ def decode(
     return 0
 
 
-if __name__ == "__main__":
-    from bita_jax.cli import run_main
+def console() -> int:
+    """The `bita-decode` console script (pyproject.toml [project.scripts]): main with one-line errors."""
+    return run_main(main)
 
-    sys.exit(run_main(main))
+
+if __name__ == "__main__":
+    sys.exit(console())

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 
-from bita_jax.cli import DefaultsHelpFormatter
+from bita_jax.cli import DefaultsHelpFormatter, run_main
 from bita_jax.config import (
     MeshConfig,
     TrainConfig,
@@ -139,3 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     loss = f"loss {last['loss']:.4f} mask_acc {last['mask_acc']}" if "loss" in last else "no step logged"
     print(f"step {last['step']}: {loss}; adapter in {adapter}", file=sys.stderr)
     return 0
+
+
+def console() -> int:
+    """The `bita-train` console script (pyproject.toml [project.scripts]): main with one-line errors."""
+    return run_main(main)

@@ -7,7 +7,8 @@
 2. Step cost: the jitted tree step for a ladder of row counts and the AR step, measured here.
 3. The choice per batch size: the tree with the most predicted tokens/s = B tau / t(B, rows);
    AR unless a tree is predicted faster by 5%.
-Writes the statistics and the choices (keyed by device kind, dtype and batch size) into
+Writes the statistics and the choices (keyed by device kind, dtype, batch size, greedy, the loaded
+precision and no chat: docs/tuning.md) into
 ADAPTER/trees.json, which `--tree auto` (decode.py's default) reads; prints the candidate table
 with measured tokens/s on the first --measure-prompts prompts, and writes tune.json and tune.png
 (tau and tokens/s against rows per step) to --output-dir.
@@ -27,10 +28,10 @@ import numpy as np
 
 from bita_jax import api
 from bita_jax.bita.tree import DraftTree
-from bita_jax.cli import UserError
+from bita_jax.cli import UserError, run_main
 from bita_jax.cli.bench import parse_batch_sizes
 from bita_jax.cli.reports import fastest_of_two
-from bita_jax.config import DTYPES, DataConfig
+from bita_jax.config import DTYPES, DataConfig, precision_of
 from bita_jax.io import lock
 from bita_jax.io.paths import check_writable_dir
 from bita_jax.io.prompts import read_prompts
@@ -72,7 +73,7 @@ def measured_speed(model: api.Model, prompts: list[str], tree: DraftTree | None,
                    max_new_tokens: int) -> tuple[float, float, list[list[int]]]:  # fmt: skip
     """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
     compiles excluded; the faster of two runs (the first also warms the executable up)."""
-    options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree.spec}
+    options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree}
     options.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
     run = fastest_of_two(model, prompts, model.run(prompts, **options), **options)
     tokens = sum(len(g.output_ids) for g in run.generations)
@@ -209,8 +210,9 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
     for batch in batch_sizes:
         start = time.perf_counter()
         tuning = tuner.tune_batch_size(
-            model.config, model.params, model.adapter, stats, batch, args.max_rows, prompt_len, args.max_new_tokens
-        )
+            model.config, model.params, model.adapter, stats, batch, args.max_rows, prompt_len,
+            args.max_new_tokens,
+        )  # fmt: skip
         choices.append(tuning.choice)
         print(f"batch {batch}: step costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         rows = measure_rows(model, tuning, prompts, args.max_new_tokens)
@@ -226,7 +228,11 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
             {"batch_size": batch, "choice": tuning.choice.to_json(), "shown": rows, "candidates": candidates}
         )
     path = save_store(
-        args.adapter, tuner.stored(load_store(args.adapter), stats, device_kind, args.dtype, choices)
+        args.adapter,
+        tuner.stored(
+            load_store(args.adapter), stats, device_kind, args.dtype, choices,
+            precision=precision_of(model.config),
+        ),  # fmt: skip
     )
     with open(os.path.join(args.output_dir, "tune.json"), "w") as f:
         json.dump({"device_kind": device_kind, "dtype": args.dtype, "results": results}, f, indent=1)
@@ -236,3 +242,8 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
         written += " and tune.png"
     print(f"\nwrote {path}; {written} to {args.output_dir}", file=sys.stderr)
     return 0
+
+
+def console() -> int:
+    """The `bita-tune` console script (pyproject.toml [project.scripts]): main with one-line errors."""
+    return run_main(main)

@@ -1,8 +1,11 @@
-"""`--tree auto`: the draft tree to decode with on this device, dtype and batch size, or AR.
+"""`--tree auto`: the draft tree to decode with on this device, dtype, batch size, sampling,
+precision and chat setting (a `ChoiceKey`), or AR.
 
-In order: the choice stored in the adapter's trees.json for (device kind, dtype, batch size); else
-the stored statistics combined with step costs measured here and now (seconds); else, for an
-adapter without statistics, the default tree. The decision says which and why in one line.
+In order: the choice stored in the adapter's trees.json for the key, or for the key with chat the
+other way (`ChoiceKey.fallbacks`); else, for greedy decoding, the stored statistics combined with step
+costs measured here and now (seconds); else the default tree: for an adapter without statistics,
+and for sampled decoding, which the greedy statistics do not predict. The decision says which and
+why in one line (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import dataclasses
 from typing import Any
 
 from bita_jax.bita.tree import DEFAULT_TREE, DraftTree, parse_tree
-from bita_jax.config import ModelConfig
+from bita_jax.config import ModelConfig, precision_of
 from bita_jax.tuning import step_cost
-from bita_jax.tuning.choice import Choice, TreeStore, choose
+from bita_jax.tuning.choice import Choice, ChoiceKey, TreeStore, choose
 
 AUTO = "auto"
 # The on-the-spot ladder stops here: it compiles about log2(rows) steps, seconds on a small model.
@@ -27,26 +30,42 @@ class AutoTree:
     Attributes:
       tree: the draft tree, or None to decode AR.
       source: "stored" (trees.json choice), "measured" (stored statistics, step costs measured now)
-        or "default" (no statistics: DEFAULT_TREE).
+        or "default" (DEFAULT_TREE: no statistics, or sampled decoding without a stored choice).
       choice: the choice behind a stored or measured decision (None for "default").
-      key: (device kind, dtype, batch size) the decision is for.
+      key: what the decision is for.
+      stored_for: the key a stored choice was made for (one of `key.fallbacks()`); None unless stored.
     """
 
     tree: DraftTree | None
     source: str
     choice: Choice | None
-    key: tuple[str, str, int]
+    key: ChoiceKey
+    stored_for: ChoiceKey | None = None
+
+    @property
+    def silent(self) -> bool:
+        """A tree stored for exactly this key needs no note; anything else is said in one line."""
+        return self.tree is not None and self.source == "stored" and self.stored_for == self.key
 
     def note(self) -> str:
         """One line: what auto decided and why."""
-        kind, dtype, batch = self.key
-        where = f"{kind} {dtype} batch {batch}"
+        where = self.key.describe()
         if self.choice is None:
+            default = f"the default tree {DEFAULT_TREE} ({self.tree.describe()})"
+            if self.key.sampling != "greedy":
+                return (
+                    f"tree auto: trees.json holds no choice for sampled decoding (its statistics are "
+                    f"greedy acceptance), using {default} on {where}"
+                )
             return (
-                f"tree auto: the adapter has no trees.json statistics, using the default tree "
-                f"{DEFAULT_TREE} ({self.tree.describe()}); `python -m bita_jax.tune` picks one for {where}"
+                f"tree auto: the adapter has no trees.json statistics, using {default}; "
+                f"`python -m bita_jax.tune` picks one for {where}"
             )
-        how = "stored choice" if self.source == "stored" else "step costs measured now"
+        how = "step costs measured now"
+        if self.source == "stored":
+            how = "stored choice"
+            if self.stored_for != self.key:
+                how += f" for {self.stored_for.describe()}"
         best = self.choice.best_tree
         if best is None:
             return f"tree auto: AR on {where} (no candidate tree fits the measured rows; {how})"
@@ -61,7 +80,7 @@ class AutoTree:
         return f"tree auto: on {where} the best tree ({versus}; {how})"
 
 
-def default_tree(num_masks: int, key: tuple[str, str, int]) -> AutoTree:
+def default_tree(num_masks: int, key: ChoiceKey) -> AutoTree:
     return AutoTree(parse_tree(DEFAULT_TREE, num_masks), "default", None, key)
 
 
@@ -72,22 +91,33 @@ def resolve_auto_tree(
     adapter: Any,
     num_masks: int,
     batch_size: int,
+    sampled: bool = False,
+    chat: bool = False,
 ) -> AutoTree:
-    """The tree `--tree auto` decodes with (None in `.tree`: AR) for this device, dtype and batch.
+    """The tree `--tree auto` decodes with (None in `.tree`: AR) for this device, dtype, batch
+    size, sampling, precision and chat setting (the module docstring's order).
 
     Args:
       store: the adapter's trees.json (None when it has none).
-      config: the decoding config (its dtype is part of the key).
+      config: the decoding config (its dtype and precision are part of the key).
       params, adapter: on the device, for measuring step costs when no choice is stored.
       num_masks: M, the adapter's mask tokens.
       batch_size: B.
+      sampled: decoding samples (temperature > 0).
+      chat: prompts are wrapped in the chat template.
     """
-    key = (step_cost.current_device_kind(), config.dtype, batch_size)
+    key = ChoiceKey(
+        step_cost.current_device_kind(), config.dtype, batch_size,
+        "sampled" if sampled else "greedy", precision_of(config), chat,
+    )  # fmt: skip
     if store is None or store.statistics is None:
         return default_tree(num_masks, key)
-    stored = store.lookup(*key)
-    if stored is not None:
-        return AutoTree(stored.tree, "stored", stored, key)
+    found = store.resolve(key)
+    if found is not None:
+        stored_for, stored = found
+        return AutoTree(stored.tree, "stored", stored, key, stored_for)
+    if sampled:  # the statistics are greedy acceptance: they would overrate every tree
+        return default_tree(num_masks, key)
     ladder = step_cost.ladder_trees(num_masks, ON_THE_SPOT_MAX_ROWS)
     (costs,) = step_cost.measure_step_costs(config, params, adapter, [batch_size], ladder)
     choice = choose(store.statistics.best_trees(costs.tree_rows[-1]), costs)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from bita_jax.bita.tree import DraftTree
+from bita_jax.config import PRECISIONS
 from bita_jax.errors import ConfigError, UserError
 from bita_jax.tuning.stats import AcceptanceStats
 
@@ -184,25 +185,73 @@ def choose(
 # trees.json
 
 
+class ChoiceKey(NamedTuple):
+    """What a stored tree choice was made for: everything that changes acceptance or step cost.
+
+    Attributes:
+      device_kind: `jax.devices()[0].device_kind` ("cpu", "NVIDIA H100 80GB HBM3").
+      dtype: the weights' dtype.
+      batch_size: B.
+      sampling: "greedy" or "sampled" (temperature > 0): sampling accepts fewer drafts (1.16
+        tokens per step at temperature 1 against 1.86 greedy on the demo).
+      precision: "exact" or "fast" (config.PRECISIONS, as `config.precision_of` reads it): the
+        compute dtype changes the step cost.
+      chat: prompts wrapped in the tokenizer's chat template.
+    """
+
+    device_kind: str
+    dtype: str
+    batch_size: int
+    sampling: str = "greedy"
+    precision: str = "exact"
+    chat: bool = False
+
+    def fallbacks(self) -> list["ChoiceKey"]:
+        """The keys whose stored choice `TreeStore.resolve` takes, in order: this one, then the same
+        with chat the other way (the template reframes the prompts; the step cost and the adapter
+        are the same). Device, dtype, batch size, sampling and precision are never ignored: a choice
+        for another of them predicts another acceptance or step cost."""
+        return [self, self._replace(chat=not self.chat)]
+
+    def describe(self) -> str:
+        """"cpu float32 batch 1", then whatever is not the default: sampled, fast precision, chat."""
+        extra = [self.sampling] if self.sampling != "greedy" else []
+        extra += [f"{self.precision} precision"] if self.precision != "exact" else []
+        extra += ["chat"] if self.chat else []
+        return " ".join([self.device_kind, self.dtype, "batch", str(self.batch_size), *extra])
+
+
+SAMPLINGS = ("greedy", "sampled")
+
+
 @dataclasses.dataclass(frozen=True)
 class TreeStore:
     """Contents of an adapter's trees.json.
 
     Attributes:
-      statistics: the adapter's acceptance statistics (None before calibration).
-      choices: (device kind, dtype, batch size) -> Choice.
+      statistics: the adapter's acceptance statistics (None before calibration): teacher-forced
+        ranks of greedy outputs, so they predict greedy acceptance only.
+      choices: ChoiceKey -> Choice.
     """
 
     statistics: AcceptanceStats | None = None
-    choices: dict[tuple[str, str, int], Choice] = dataclasses.field(default_factory=dict)
+    choices: dict[ChoiceKey, Choice] = dataclasses.field(default_factory=dict)
 
-    def lookup(self, device_kind: str, dtype: str, batch_size: int) -> Choice | None:
-        """The stored choice for this device kind, dtype and batch size, or None."""
-        return self.choices.get((device_kind, dtype, batch_size))
+    def lookup(self, *key: Any, **fields: Any) -> Choice | None:
+        """The choice stored for exactly this key (`ChoiceKey` fields), or None."""
+        return self.choices.get(ChoiceKey(*key, **fields))
 
-    def with_choice(self, device_kind: str, dtype: str, choice: Choice) -> "TreeStore":
-        """A copy with `choice` stored (replacing one for the same key)."""
-        key = (device_kind, dtype, choice.batch_size)
+    def resolve(self, key: ChoiceKey) -> tuple[ChoiceKey, Choice] | None:
+        """(the key it was stored under, the choice) for the first of `key.fallbacks()` stored."""
+        for candidate in key.fallbacks():
+            if candidate in self.choices:
+                return candidate, self.choices[candidate]
+        return None
+
+    def with_choice(self, device_kind: str, dtype: str, choice: Choice, **fields: Any) -> "TreeStore":
+        """A copy with `choice` stored for (device_kind, dtype, its batch size, `fields`: the other
+        ChoiceKey fields, default greedy, exact, no chat), replacing one for the same key."""
+        key = ChoiceKey(device_kind, dtype, choice.batch_size, **fields)
         return dataclasses.replace(self, choices={**self.choices, key: choice})
 
     def to_json(self) -> dict[str, Any]:
@@ -210,9 +259,10 @@ class TreeStore:
             "format_version": FORMAT_VERSION,
             "statistics": None if self.statistics is None else self.statistics.to_json(),
             "choices": [
-                {"device_kind": kind, "dtype": dtype, **choice.to_json()}
-                for (kind, dtype, _), choice in sorted(self.choices.items())
-            ],
+                {"device_kind": key.device_kind, "dtype": key.dtype, "sampling": key.sampling,
+                 "precision": key.precision, "chat": key.chat, **choice.to_json()}
+                for key, choice in sorted(self.choices.items())
+            ],  # fmt: skip
         }
 
     @classmethod
@@ -223,14 +273,25 @@ class TreeStore:
         stats = data.get("statistics")
         statistics = None if stats is None else AcceptanceStats.from_json(stats)
         try:
+            # Choices written before sampling, precision and chat were keyed were all made by the
+            # tuner as it was then: greedy outputs, the "exact" policy, prompts without the template.
             choices = {
-                (str(c["device_kind"]), str(c["dtype"]), int(c["batch_size"])): Choice.from_json(c)
+                ChoiceKey(
+                    str(c["device_kind"]), str(c["dtype"]), int(c["batch_size"]),
+                    str(c.get("sampling", "greedy")), str(c.get("precision", "exact")),
+                    bool(c.get("chat", False)),
+                ): Choice.from_json(c)
                 for c in data["choices"]
-            }
+            }  # fmt: skip
         except (KeyError, TypeError, ValueError):
             raise ConfigError(
                 "malformed choices (expected device_kind, dtype, batch_size, ar, best_tree)"
             ) from None
+        for key in choices:
+            if key.sampling not in SAMPLINGS or key.precision not in PRECISIONS:
+                raise ConfigError(
+                    f"a choice's sampling or precision is unknown: {key.sampling!r}, {key.precision!r}"
+                )
         return cls(statistics, choices)
 
 

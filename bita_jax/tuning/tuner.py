@@ -111,14 +111,15 @@ def tune_batch_size(
 
 
 def stored(store: TreeStore | None, stats: AcceptanceStats, device_kind: str, dtype: str,
-           choices: Sequence[Choice]) -> TreeStore:  # fmt: skip
-    """The store with these statistics and choices. Choices for other devices survive only when
-    they were made from the same statistics (otherwise they are dropped as stale)."""
+           choices: Sequence[Choice], **fields: Any) -> TreeStore:  # fmt: skip
+    """The store with these statistics and choices (for device_kind, dtype and `fields`: the other
+    ChoiceKey fields). Choices for other keys survive only when they were made from the same
+    statistics (otherwise they are dropped as stale)."""
     old = None if store is None else store.statistics
     same = old is not None and old.to_json() == stats.to_json()
     out = TreeStore(stats, dict(store.choices) if same else {})
     for choice in choices:
-        out = out.with_choice(device_kind, dtype, choice)
+        out = out.with_choice(device_kind, dtype, choice, **fields)
     return out
 
 

@@ -57,8 +57,14 @@ def imports_of(module: str, source: str, is_package: bool, known: set[str]) -> l
 
     `from X import name` names the module X.name when that is a module in `known`, else X."""
     here = module if is_package else module.rpartition(".")[0]
+    tree = ast.parse(source)
+    # A module's `if __name__ == "__main__":` block runs it as a script, the top of any stack: its
+    # imports are the command's, not the module's (e.g. `python -m bita_jax.io.gguf` runs cli.gguf).
+    script = {id(n) for guard in ast.walk(tree) if is_main_guard(guard) for n in ast.walk(guard)}
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in script:
+            continue
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -71,6 +77,15 @@ def imports_of(module: str, source: str, is_package: bool, known: set[str]) -> l
                 sub = f"{target}.{alias.name}"
                 found.append((sub if sub in known else target, node.lineno))
     return [(name, line) for name, line in found if name == PACKAGE or name.startswith(PACKAGE + ".")]
+
+
+def is_main_guard(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":`"""
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    test = node.test
+    return (isinstance(test.left, ast.Name) and test.left.id == "__name__" and len(test.comparators) == 1
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
 
 
 def import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, list[tuple[str, int]]]:
@@ -202,3 +217,17 @@ def test_the_checks_catch_a_climb_and_a_cycle():
         ["bita_jax.cli.decode", "bita_jax.cli.demo"],
     ]
     assert unit_cycles(graph) == [["bita_jax.cli", "bita_jax.io"]]
+
+
+def test_a_script_entry_is_not_a_dependency():
+    """Imports under `if __name__ == "__main__":` are the command's (io/gguf.py runs cli.gguf's
+    main for `python -m bita_jax.io.gguf`); the same import anywhere else still counts."""
+    entry = 'if __name__ == "__main__":\n    from bita_jax.cli.gguf import main\n'
+    sources = {
+        "bita_jax.io.gguf": (entry, False),
+        "bita_jax.io.tokenizer": ("if True:\n    from bita_jax.cli.gguf import main\n", False),
+        "bita_jax.cli.gguf": ("from bita_jax.io.gguf import convert\n", False),
+    }
+    graph = import_graph(sources)
+    assert graph["bita_jax.io.gguf"] == []
+    assert graph["bita_jax.io.tokenizer"] == [("bita_jax.cli.gguf", 2)]

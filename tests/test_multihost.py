@@ -18,7 +18,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_process_training(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(1)
     data = tmp_path / "d.jsonl"

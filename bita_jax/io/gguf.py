@@ -153,3 +153,10 @@ def resolve_model(name: str) -> str:
         convert(source, partial, dtype)
         os.replace(partial, out)  # a killed conversion never looks finished
     return out
+
+
+if __name__ == "__main__":  # `python -m bita_jax.io.gguf ...`: the command line is cli/gguf.py's
+    from bita_jax.cli import run_main
+    from bita_jax.cli.gguf import main
+
+    sys.exit(run_main(main))

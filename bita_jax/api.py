@@ -94,8 +94,9 @@ class GenerateOptions:
       mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
         prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
       tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype,
-        batch size, sampling, precision and chat, docs/tuning.md; AR when no tree pays off), `upper:K`, `chain` or JSON rank paths, each
-        optionally with a prompt-lookup chain `+lookup:n`; or `lookup:n` alone; or a `DraftTree`.
+        batch size, sampling, precision and chat, docs/tuning.md; AR when no tree pays off),
+        `upper:K`, `chain` or JSON rank paths, each optionally with a prompt-lookup chain
+        `+lookup:n`; or `lookup:n` alone; or a `DraftTree`.
         In mode "lookup" "auto" means `lookup:4`.
       batch_size: prompts decoded together (a multiple of the mesh's data*fsdp).
       chat: wrap prompts in the tokenizer's chat template.
@@ -375,7 +376,9 @@ class Model:
 def _warn_ignored(options: GenerateOptions) -> GenerateOptions:
     """Warns, as transformers' generate does with do_sample=False, about sampling options given
     for a greedy decode (records omit them); returns the options."""
-    ignored = ignored_options(options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed)
+    ignored = ignored_options(
+        options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed
+    )
     if ignored:
         message = f"{', '.join(ignored)} ignored: temperature 0 decodes greedily (records omit them)"
         warnings.warn(message, stacklevel=3)

@@ -25,7 +25,12 @@ PROMPTS = [[1, 5, 9, 33], [1, 7, 8, 100, 101, 102, 40, 41, 42], [1, 77], [1] + l
 BUDGETS = [9, 2, 14, 5, 1, 11, 7]
 MAX_NEW = max(BUDGETS)
 TREE = parse_tree("upper:4", 3)
-TREES = {"ar": None, "bita": TREE, "hybrid": parse_tree("upper:3+lookup:4", 3), "lookup": parse_tree("lookup:4", 0)}
+TREES = {
+    "ar": None,
+    "bita": TREE,
+    "hybrid": parse_tree("upper:3+lookup:4", 3),
+    "lookup": parse_tree("lookup:4", 0),
+}
 
 
 @pytest.fixture(scope="module")

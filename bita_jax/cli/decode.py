@@ -16,9 +16,10 @@ outputs are the same). A "max_new_tokens" in a prompts-file record overrides the
 prompt. Writes one jsonl record per prompt (prompt, completion, prompt_ids, output_ids, new_tokens,
 max_new_tokens, steps, seconds; for bita `steps` counts tree steps; `run`: what made it) in input
 order, each as soon as it and every earlier prompt are finished, and prints a short summary.
---stream prints one prompt's completion as it grows. One run at a time writes an --output (a second is refused). An interrupted run
-keeps its finished records; --resume decodes only the prompts they lack, and refuses records made
-with another model, adapter or options (docs/reliability.md).
+--stream prints one prompt's completion as it grows. One run at a time writes an --output (a
+second is refused). An interrupted run keeps its finished records; --resume decodes only the
+prompts they lack, and refuses records made with another model, adapter or options
+(docs/reliability.md).
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
 speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
 default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,

@@ -372,7 +372,8 @@ class Engine:
                     event.generation = Generation(ids, int(row_steps[b]), charged[i])
                     stats.slot_steps += int(row_steps[b])
                     if counts:
-                        event.accepted_per_level, event.accepted_lookup = counts[0][b].copy(), int(counts[1][b])
+                        event.accepted_per_level = counts[0][b].copy()
+                        event.accepted_lookup = int(counts[1][b])
                     holder[b] = None
                 if new or event.generation is not None:
                     events.append(event)

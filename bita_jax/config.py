@@ -222,10 +222,16 @@ class BiTAConfig:
     # "random": N(0, init_std). "activations": the prefix from the frozen model's own keys/values on
     # real text and the masks from real token embeddings (bita.adapter.init_from_text).
     init: str = "random"
+    # r > 0: rank-r updates of every linear map (q, k, v, o, gate, up, down), applied on mask rows
+    # only (bita.adapter.mask_lora). Capacity beyond the paper that leaves the output unchanged:
+    # normal rows never see them, and no normal row attends to a mask row.
+    lora_rank: int = 0
 
     def __post_init__(self):
         if self.num_prompt_tokens < 1 or self.num_mask_tokens < 1:
             raise ConfigError("num_prompt_tokens and num_mask_tokens must be >= 1")
+        if self.lora_rank < 0:
+            raise ConfigError(f"bita.lora_rank must be >= 0, got {self.lora_rank}")
         if self.init not in ADAPTER_INITS:
             raise ConfigError(f"bita.init must be one of {ADAPTER_INITS}, got {self.init!r}")
         if not 0.0 <= self.prefix_dropout < 1.0:
@@ -439,6 +445,7 @@ class TrainConfig:
     save_every: int = 500
     eval_every: int = 0  # held-out evaluation every N steps when the caller gives one (0: at the end only)
     keep_checkpoints: int = 2
+    init_adapter: str = ""  # a trained adapter directory to start from instead of `bita.init`
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     bita: BiTAConfig = dataclasses.field(default_factory=BiTAConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

@@ -15,35 +15,66 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from bita_jax.config import BiTAConfig, ModelConfig
-from bita_jax.models.llama import KeysValues, LlamaModel
+from bita_jax.models.llama import KeysValues, LlamaModel, LowRank
 from bita_jax.sharding import LOGICAL_AXIS_RULES, Rules, logical_sharding
 
-Adapter = dict  # {"prefix_keys", "prefix_values": [L, P, N, H], "mask_embeddings": [M, D]}
+# {"prefix_keys", "prefix_values": [L, P, N, H], "mask_embeddings": [M, D]}, and with
+# bita.lora_rank = r > 0 "lora_<map>_a" [L, I, r] and "lora_<map>_b" [L, r, O] per linear map.
+Adapter = dict
+
+LORA_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 ADAPTER_AXES = {
     "prefix_keys": ("layers", "prompt", "q_heads", "head_dim"),
     "prefix_values": ("layers", "prompt", "q_heads", "head_dim"),
     "mask_embeddings": ("mask", "embed"),
+    # The low-rank factors are small: replicated.
+    **{f"lora_{m}_{f}": ("layers", None, None) for m in LORA_MAPS for f in "ab"},
 }
+
+
+def lora_dims(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(I, O) of each linear map the mask rows' low-rank updates apply to."""
+    D, F = model.hidden_size, model.intermediate_size
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    dims = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D)}
+    return {**dims, "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
 
 
 def adapter_shapes(model: ModelConfig, bita: BiTAConfig) -> dict[str, tuple[int, ...]]:
     prefix = (model.num_layers, bita.num_prompt_tokens, model.num_heads, model.head_dim)
-    return {
+    shapes = {
         "prefix_keys": prefix,
         "prefix_values": prefix,
         "mask_embeddings": (bita.num_mask_tokens, model.hidden_size),
     }
+    r, L = bita.lora_rank, model.num_layers
+    for name, (i, o) in (lora_dims(model).items() if r else ()):
+        shapes[f"lora_{name}_a"], shapes[f"lora_{name}_b"] = (L, i, r), (L, r, o)
+    return shapes
+
+
+def init_lora(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> Adapter:
+    """The low-rank factors at init: A ~ N(0, 1), B = 0, so the update starts at exactly zero."""
+    shapes = {n: s for n, s in adapter_shapes(model, bita).items() if n.startswith("lora_")}
+    keys = jax.random.split(rng, max(len(shapes), 1))
+    draw = lambda name, key, shape: (  # noqa: E731
+        jax.random.normal(key, shape, jnp.float32) if name.endswith("_a") else jnp.zeros(shape, jnp.float32)
+    )
+    named = zip(keys, sorted(shapes.items()), strict=False)
+    return {name: draw(name, key, shape) for key, (name, shape) in named}
 
 
 def init_adapter(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> Adapter:
-    """Float32 adapter params drawn from N(0, init_std), as HF initialises the reference's tables."""
-    shapes = adapter_shapes(model, bita)
+    """Float32 adapter params: prompt and mask tokens drawn from N(0, init_std), as HF initialises the
+    reference's tables; low-rank factors by `init_lora`."""
+    shapes = {n: s for n, s in adapter_shapes(model, bita).items() if not n.startswith("lora_")}
     keys = jax.random.split(rng, len(shapes))
-    return {
+    tokens = {
         name: bita.init_std * jax.random.normal(key, shape, jnp.float32)
         for key, (name, shape) in zip(keys, sorted(shapes.items()), strict=True)
     }
+    return {**tokens, **init_lora(model, bita, jax.random.fold_in(rng, 1))}
 
 
 def init_from_text(
@@ -71,6 +102,7 @@ def init_from_text(
         "prefix_keys": per_query_head(k).astype(jnp.float32),
         "prefix_values": per_query_head(v).astype(jnp.float32),
         "mask_embeddings": embeds[0, drawn].astype(jnp.float32),
+        **init_lora(cfg, bita, jax.random.fold_in(rng, 1)),
     }
 
 
@@ -109,6 +141,13 @@ def prefix(adapter: Adapter) -> KeysValues:
     return adapter["prefix_keys"], adapter["prefix_values"]
 
 
+def mask_lora(adapter: Adapter) -> LowRank | None:
+    """The mask rows' low-rank updates {map: (A [L, I, r], B [L, r, O])}, None without them."""
+    if "lora_q_proj_a" not in adapter:
+        return None
+    return {m: (adapter[f"lora_{m}_a"], adapter[f"lora_{m}_b"]) for m in LORA_MAPS}
+
+
 def forward(
     model: LlamaModel,
     params,
@@ -119,7 +158,8 @@ def forward(
     prefix_visible: jax.Array,
     **cache,
 ) -> tuple[jax.Array, KeysValues]:
-    """The base model with the adapter plugged in: mask embeddings in, prefix seen by prefix_visible rows.
+    """The base model with the adapter plugged in: mask embeddings in, prefix seen by prefix_visible rows
+    and the low-rank updates (if any) applied on them only, so other rows compute what the base model does.
 
     Args:
       tokens: [B, T] ids, mask ids V + k included; positions [B, T]; self_mask [B, T, T].
@@ -136,6 +176,7 @@ def forward(
         self_mask,
         prefix=prefix(adapter),
         prefix_visible=prefix_visible,
+        mask_lora=mask_lora(adapter),
         **cache,
     )
 

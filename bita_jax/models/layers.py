@@ -109,3 +109,23 @@ def attend(
         p = probs[..., start:]
         out += jnp.einsum("bkgtp,pkgh->btkgh", p, prefix[1], preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array) -> jax.Array:
+    """A low-rank update (x A)(B) / (sqrt(I) r) on the chosen rows, exactly zero on the others.
+
+    A is stored N(0, 1) and B (zero at init) unscaled; the fixed 1 / (sqrt(I) r) keeps each entry of
+    A and B order one, so an Adam step of the prompt tokens' learning rate moves the update by about
+    that rate, whatever I and r are. `where`, not a product, keeps other rows bit-identical (and free
+    of a NaN that a product would spread).
+
+    Args:
+      x: [B, T, I] inputs of a linear map; a [I, r]; b [r, O]; rows: [B, T] bool.
+
+    Returns:
+      [B, T, O] in x's dtype.
+    """
+    scale = 1.0 / (a.shape[0] ** 0.5 * a.shape[1])
+    low = jnp.einsum("bti,ir->btr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    update = jnp.einsum("btr,ro->bto", low * scale, b.astype(jnp.float32))
+    return jnp.where(rows[..., None], update, 0.0).astype(x.dtype)

@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from bita_jax.config import ModelConfig
-from bita_jax.models.layers import RMSNorm, apply_rope, attend, rope_inv_freq
+from bita_jax.models.layers import RMSNorm, apply_rope, attend, low_rank_update, rope_inv_freq
 
 KeysValues = tuple[jax.Array, jax.Array]  # (k, v), each [L, ...] with a leading layer axis
+# Per linear map name (q_proj, ..., down_proj), low-rank factors (A [L, I, r], B [L, r, O]).
+LowRank = dict[str, tuple[jax.Array, jax.Array]]
 
 
 def _init():
@@ -35,12 +37,26 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
     return param.astype(module.config.compute_dtype)
 
 
+def _with_update(y: jax.Array, x: jax.Array, name: str, layer_lora, rows) -> jax.Array:
+    """y = x W of linear map `name`, plus its low-rank update on `rows` when the layer has one."""
+    if layer_lora is None:
+        return y
+    a, b = layer_lora[name]
+    return y + low_rank_update(x, a, b, rows).reshape(y.shape)
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible):
-        """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens)."""
+    def __call__(
+        self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible, layer_lora=None
+    ):
+        """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens).
+
+        layer_lora: this layer's low-rank updates (A [I, r], B [r, O] per map), applied only on the
+        prefix_visible rows.
+        """
         c = self.config
         dt = jnp.dtype(c.compute_dtype)
         G = c.num_heads // c.num_kv_heads
@@ -51,9 +67,12 @@ class Attention(nn.Module):
         wo = proj("o_proj", (c.num_heads, c.head_dim, c.hidden_size), ("q_heads", "head_dim", "embed"))
 
         inv_freq = rope_inv_freq(c)
-        q = apply_rope(jnp.einsum("btd,dnh->btnh", x, wq), positions, inv_freq)  # [B, T, N, H]
-        k = apply_rope(jnp.einsum("btd,dkh->btkh", x, wk), positions, inv_freq)  # [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", x, wv)  # [B, T, K, H]
+        linear = lambda w, name: _with_update(  # noqa: E731
+            jnp.einsum("btd,dnh->btnh", x, w), x, name, layer_lora, prefix_visible
+        )
+        q = apply_rope(linear(wq, "q_proj"), positions, inv_freq)  # [B, T, N, H]
+        k = apply_rope(linear(wk, "k_proj"), positions, inv_freq)  # [B, T, K, H]
+        v = linear(wv, "v_proj")  # [B, T, K, H]
         q = (q * c.head_dim**-0.5).reshape(*q.shape[:2], c.num_kv_heads, G, c.head_dim)
 
         blocks = []
@@ -69,25 +88,26 @@ class Attention(nn.Module):
             out = attend(q, blocks, prefix)  # [B, T, K, G, H]
         # One contraction over N*H: with two contracting dims XLA:CPU transposes wo every step.
         out = out.reshape(*out.shape[:2], c.num_heads * c.head_dim)
-        return jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size)), (k, v)
+        y = jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size))
+        return _with_update(y, out, "o_proj", layer_lora, prefix_visible), (k, v)
 
 
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
-        """SwiGLU: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x, layer_lora=None, rows=None):
+        """SwiGLU: [B, T, D] -> [B, T, D]; layer_lora's updates on `rows` [B, T] as in Attention."""
         c = self.config
         proj = functools.partial(_weight, self)
-        gate = jnp.einsum(
-            "btd,df->btf", x, proj("gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
+        linear = lambda x, w, name: _with_update(  # noqa: E731
+            jnp.einsum("bti,io->bto", x, w), x, name, layer_lora, rows
         )
-        up = jnp.einsum(
-            "btd,df->btf", x, proj("up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"))
-        )
+        widen = (c.hidden_size, c.intermediate_size)
+        gate = linear(x, proj("gate_proj", widen, ("embed", "mlp")), "gate_proj")
+        up = linear(x, proj("up_proj", widen, ("embed", "mlp")), "up_proj")
         down = proj("down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"))
-        return jnp.einsum("btf,fd->btd", nn.silu(gate) * up, down)
+        return linear(nn.silu(gate) * up, down, "down_proj")
 
 
 class Block(nn.Module):
@@ -96,7 +116,9 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible):
+    def __call__(
+        self, x, layer_cache, layer_prefix, layer_lora, positions, self_mask, cache_mask, prefix_visible
+    ):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype, name=name)  # noqa: E731
         attn_out, new_kv = Attention(c, name="self_attn")(
@@ -107,9 +129,10 @@ class Block(nn.Module):
             self_mask,
             cache_mask,
             prefix_visible,
+            layer_lora,
         )
         x = x + attn_out
-        x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+        x = x + MLP(c, name="mlp")(norm("post_attention_layernorm")(x), layer_lora, prefix_visible)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         return x, new_kv
 
@@ -128,7 +151,7 @@ class LlamaModel(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, 0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c)
@@ -158,6 +181,7 @@ class LlamaModel(nn.Module):
         cache_mask: jax.Array | None = None,
         prefix: KeysValues | None = None,
         prefix_visible: jax.Array | None = None,
+        mask_lora: LowRank | None = None,
     ) -> tuple[jax.Array, KeysValues]:
         """Runs the decoder over one chunk of rows.
 
@@ -169,6 +193,7 @@ class LlamaModel(nn.Module):
           cache_mask: [B, T, S] bool, which committed slots each row sees (required with cache_kv).
           prefix: extra keys/values (k, v) [L, P, N, H], one per query head, never rotated.
           prefix_visible: [B, T] bool, rows that attend to the prefix (required with prefix).
+          mask_lora: optional low-rank updates of the linear maps, applied on prefix_visible rows only.
 
         Returns:
           hidden [B, T, D] after the final norm, and (k, v) [L, B, T, K, H] of this chunk, for
@@ -176,20 +201,23 @@ class LlamaModel(nn.Module):
         """
         if (cache_kv is None) != (cache_mask is None) or (prefix is None) != (prefix_visible is None):
             raise ValueError("cache_kv needs cache_mask and prefix needs prefix_visible")
+        if mask_lora is not None and prefix_visible is None:
+            raise ValueError("mask_lora needs prefix_visible (the rows it applies to)")
         x = nn.with_logical_constraint(embeds.astype(self.config.compute_dtype), ("batch", "seq", "embed"))
         broadcast = (positions, self_mask, cache_mask, prefix_visible)
         if self.config.scan_layers:
-            x, new_kv = self.layers(x, cache_kv, prefix, *broadcast)
+            x, new_kv = self.layers(x, cache_kv, prefix, mask_lora, *broadcast)
         else:
-            x, new_kv = self._unrolled_layers(x, cache_kv, prefix, broadcast)
+            x, new_kv = self._unrolled_layers(x, cache_kv, prefix, mask_lora, broadcast)
         return self.norm(x), new_kv
 
-    def _unrolled_layers(self, x, layer_cache, layer_prefix, broadcast):
+    def _unrolled_layers(self, x, layer_cache, layer_prefix, mask_lora, broadcast):
         """The scan's computation as a Python loop; per-layer inputs are sliced off their L axis."""
-        layer = lambda pair, i: None if pair is None else (pair[0][i], pair[1][i])  # noqa: E731
+        layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
-            x, (k, v) = block(x, layer(layer_cache, i), layer(layer_prefix, i), *broadcast)
+            per_layer = (layer(layer_cache, i), layer(layer_prefix, i), layer(mask_lora, i))
+            x, (k, v) = block(x, *per_layer, *broadcast)
             new_k.append(k)
             new_v.append(v)
         return x, (jnp.stack(new_k), jnp.stack(new_v))

@@ -20,10 +20,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from bita_jax.bita.adapter import abstract_adapter, init_adapter, init_from_text
+from bita_jax.bita.adapter import abstract_adapter, adapter_shapes, init_adapter, init_from_text, init_lora
 from bita_jax.config import TrainConfig
 from bita_jax.errors import ConfigError, Interrupted, UserError
-from bita_jax.io.adapter_files import save_adapter
+from bita_jax.io.adapter_files import load_adapter, save_adapter
 from bita_jax.io.hf import load_config, load_params
 from bita_jax.io.paths import check_writable_dir, writing
 from bita_jax.models.llama import LlamaModel
@@ -222,9 +222,12 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
 
 
 def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Example]) -> Any:
-    """The adapter a run starts from (`bita.init`): random, or from the frozen model's activations
-    on the first INIT_TEXT_TOKENS tokens of process 0's examples (the same text on every host)."""
+    """The adapter a run starts from: a trained one (`init_adapter`), or by `bita.init` random or
+    from the frozen model's activations on the first INIT_TEXT_TOKENS tokens of process 0's examples
+    (the same text on every host)."""
     rng = jax.random.key(cfg.seed)
+    if cfg.init_adapter:
+        return continued_adapter(cfg, model_cfg, rng)
     if cfg.bita.init == "random":
         return init_adapter(model_cfg, cfg.bita, rng)
     text = np.full((INIT_TEXT_TOKENS,), -1, np.int32)
@@ -233,6 +236,24 @@ def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Ex
     text = np.asarray(multihost_utils.broadcast_one_to_all(text))
     text = text[text >= 0]
     return init_from_text(LlamaModel(model_cfg), base, cfg.bita, jnp.asarray(text), rng)
+
+
+def continued_adapter(cfg: TrainConfig, model_cfg, rng: jax.Array) -> dict[str, Any]:
+    """A trained adapter's arrays as the start, with fresh low-rank factors if it has none and the run
+    adds them (B = 0: the start decodes exactly as the trained adapter does)."""
+    saved_cfg, arrays = load_adapter(cfg.init_adapter, model_cfg)
+    expected = adapter_shapes(model_cfg, cfg.bita)
+    if saved_cfg.lora_rank == 0:
+        arrays = {**arrays, **init_lora(model_cfg, cfg.bita, jax.random.fold_in(rng, 1))}
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if shapes != expected:
+        raise ConfigError(
+            f"init_adapter {cfg.init_adapter} does not fit this run's bita settings "
+            f"(prompt tokens {saved_cfg.num_prompt_tokens}, masks {saved_cfg.num_mask_tokens}, "
+            f"lora_rank {saved_cfg.lora_rank} against {cfg.bita.num_prompt_tokens}, "
+            f"{cfg.bita.num_mask_tokens}, {cfg.bita.lora_rank})"
+        )
+    return {name: jnp.asarray(a) for name, a in arrays.items()}
 
 
 def check_trainable(

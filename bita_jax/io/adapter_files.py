@@ -28,6 +28,16 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
 # Base-model fields the adapter's shapes and token ids depend on.
 IDENTITY_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim")
+# Adapters shipped in this package (bita_jax/adapters/NAME), named like the short model name
+# (io/gguf.SHORT_NAMES) of the model they were trained for.
+SHIPPED_ADAPTERS = ("smollm2",)
+
+
+def resolve_adapter(name: str) -> str:
+    """An adapter directory for `name`: a directory as given, or a shipped adapter's short name."""
+    if name not in SHIPPED_ADAPTERS or os.path.isdir(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adapters", name)
 
 
 def base_model_identity(base_model_dir: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Per measurement one JSON file in RUN/report/, so an interrupted report resumes w
   replay.json        replayed tau and acceptance per level of each tree, from the adapter's ranks on
                      the AR outputs (teacher forcing: exactly what greedy tree decoding accepts)
   bita-<tree>.json   measured BiTA decoding per tree: tau, acceptance per level, identical-to-AR count
-  bf16.json          bfloat16 weights under the exact precision policy: BiTA == AR in bf16
+  bf16-ar.json, bf16-bita.json
+                     bfloat16 weights under the exact precision policy: BiTA == AR in bf16
   lookup.json        transformers' prompt-lookup decoding tau on the same prompt ids
 report.md gathers them into one table.
 """
@@ -96,10 +97,11 @@ def stage_report(cfg: RecipeConfig) -> str:
         results[name] = measured(os.path.join(out, f"{name}.json"),
                                  lambda s=spec: decode(model, prompts, cfg, mode="bita", tree=s))  # fmt: skip
     bf16 = api.load(cfg.model, adapter=adapter, dtype="bfloat16")  # exact precision policy
-    results["bf16"] = measured(os.path.join(out, "bf16.json"), lambda: {
-        "ar": decode(bf16, prompts, cfg, mode="ar"),
-        "bita": decode(bf16, prompts, cfg, mode="bita", tree=cfg.report_trees[0]),
-    })  # fmt: skip
+    results["bf16"] = {
+        "ar": measured(os.path.join(out, "bf16-ar.json"), lambda: decode(bf16, prompts, cfg, mode="ar")),
+        "bita": measured(os.path.join(out, "bf16-bita.json"),
+                         lambda: decode(bf16, prompts, cfg, mode="bita", tree=cfg.report_trees[0])),
+    }  # fmt: skip
 
     def lookup() -> dict[str, Any]:
         from bita_jax.cli.bench import run_hf

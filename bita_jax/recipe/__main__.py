@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-tokens", type=int, default=d.report_tokens, help="new tokens per evaluation prompt")
     p.add_argument("--report-batch", type=int, default=d.report_batch, help="evaluation decoding batch")
     p.add_argument("--report-trees", default=",".join(d.report_trees), help="trees decoded in the report")
+    p.add_argument("--report-decoded-prompts", type=int, default=d.report_decoded_prompts,
+                   help="evaluation prompts decoded with each tree and in bfloat16 (0: all)")
     p.add_argument("--stages", default=",".join(pipeline.STAGES), help="stages to run")
     return p
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, eval_examples=args.eval_examples, eval_points=args.eval_points,
         train_overrides=tuple(args.set), report_prompts=args.report_prompts,
         report_tokens=args.report_tokens, report_batch=args.report_batch,
-        report_trees=tuple(args.report_trees.split(",")),
+        report_trees=tuple(args.report_trees.split(",")), report_decoded_prompts=args.report_decoded_prompts,
     )  # fmt: skip
     pipeline.check_same_recipe(cfg)
     for stage in pipeline.STAGES:

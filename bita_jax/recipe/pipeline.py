@@ -58,6 +58,9 @@ class RecipeConfig:
     report_tokens: int = 256
     report_batch: int = 1
     report_trees: tuple[str, ...] = ("auto", "upper:5", "chain")
+    # The first N evaluation prompts decoded with the trees and in bfloat16 (0: all). AR decodes
+    # all of them: the replayed tau of every tree comes from its outputs.
+    report_decoded_prompts: int = 0
 
     DATA_FIELDS = ("model", "train_prompts", "heldout_prompts", "max_new_tokens", "seed", "source", "exclude")
 

@@ -92,15 +92,16 @@ def stage_report(cfg: RecipeConfig) -> str:
     prompt_ids = model.encode(prompts, chat=True)
     results = {"ar": ar, "replay": measured(os.path.join(out, "replay.json"),
                                             lambda: replay(model, prompt_ids, ar["outputs"]))}  # fmt: skip
+    decoded = prompts[: cfg.report_decoded_prompts or len(prompts)]
     for spec in cfg.report_trees:
         name = f"bita-{spec.replace(':', '')}"
         results[name] = measured(os.path.join(out, f"{name}.json"),
-                                 lambda s=spec: decode(model, prompts, cfg, mode="bita", tree=s))  # fmt: skip
+                                 lambda s=spec: decode(model, decoded, cfg, mode="bita", tree=s))  # fmt: skip
     bf16 = api.load(cfg.model, adapter=adapter, dtype="bfloat16")  # exact precision policy
     results["bf16"] = {
-        "ar": measured(os.path.join(out, "bf16-ar.json"), lambda: decode(bf16, prompts, cfg, mode="ar")),
+        "ar": measured(os.path.join(out, "bf16-ar.json"), lambda: decode(bf16, decoded, cfg, mode="ar")),
         "bita": measured(os.path.join(out, "bf16-bita.json"),
-                         lambda: decode(bf16, prompts, cfg, mode="bita", tree=cfg.report_trees[0])),
+                         lambda: decode(bf16, decoded, cfg, mode="bita", tree=cfg.report_trees[0])),
     }  # fmt: skip
 
     def lookup() -> dict[str, Any]:
@@ -128,12 +129,14 @@ def write_markdown(cfg: RecipeConfig, results: dict[str, Any], count: int, file:
         key = "auto" if spec == "auto" else spec
         rows.append(
             f"| BiTA | {spec} ({r['tree'] or 'AR'}) | {r['tau']:.2f} | {replayed.get(key, float('nan')):.2f} "
-            f"| {acc} | {identical(r['outputs'], ar['outputs'])}/{count} | {r['tokens_per_s']:.1f} |"
+            f"| {acc} | {identical(r['outputs'], ar['outputs'][: len(r['outputs'])])}/{len(r['outputs'])} "
+            f"| {r['tokens_per_s']:.1f} |"
         )
     bf16 = results["bf16"]
+    same = identical(bf16["bita"]["outputs"], bf16["ar"]["outputs"])
     rows.append(
         f"| BiTA bf16 exact | {cfg.report_trees[0]} | {bf16['bita']['tau']:.2f} | - | - "
-        f"| {identical(bf16['bita']['outputs'], bf16['ar']['outputs'])}/{count} (vs bf16 AR) "
+        f"| {same}/{len(bf16['ar']['outputs'])} (vs bf16 AR) "
         f"| {bf16['bita']['tokens_per_s']:.1f} |"
     )
     lookup = results["lookup"]

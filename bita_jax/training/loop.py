@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from bita_jax.bita.adapter import abstract_adapter, init_adapter, init_from_text
+from bita_jax.bita.adapter import abstract_adapter, init_adapter, init_at_mean_embedding, init_from_text
 from bita_jax.config import TrainConfig
 from bita_jax.errors import ConfigError, Interrupted, UserError
 from bita_jax.io.adapter_files import save_adapter
@@ -222,11 +222,14 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
 
 
 def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Example]) -> Any:
-    """The adapter a run starts from (`bita.init`): random, or from the frozen model's activations
-    on the first INIT_TEXT_TOKENS tokens of process 0's examples (the same text on every host)."""
+    """The adapter a run starts from (`bita.init`): random, random with the masks at the mean input
+    embedding, or from the frozen model's activations on the first INIT_TEXT_TOKENS tokens of
+    process 0's examples (the same text on every host)."""
     rng = jax.random.key(cfg.seed)
     if cfg.bita.init == "random":
         return init_adapter(model_cfg, cfg.bita, rng)
+    if cfg.bita.init == "mean":
+        return init_at_mean_embedding(LlamaModel(model_cfg), base, cfg.bita, rng)
     text = np.full((INIT_TEXT_TOKENS,), -1, np.int32)
     joined = [t for e in examples for t in (*e.source, *e.target)][:INIT_TEXT_TOKENS]
     text[: len(joined)] = joined

@@ -212,7 +212,11 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     assert np.mean([r["loss"] for r in last]) < 0.75 * first["loss"], first["loss"]
     final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]
     assert np.all(final_acc >= 0.95), final_acc
-    # Observed: OBSERVED
+    # Observed (seed 0): loss 0.18 at step 1 -> 0.07 over the last 5 steps, mask_acc [1.0, 1.0, 0.99]
+    # at both ends (the last offset's misses: each example's last target is the appended EOS, which
+    # the base model never predicts). Adam's first steps move every coordinate by ~lr = 0.03, more
+    # than the mean embedding's own entries, and knock some offset down for a step or two (here to
+    # 9% at step 2; at worst 6% over seeds 0-9); every seed was back near perfect by step 5.
 
     # End to end: the trained adapter, decoded with the reference tree, must draft what the base
     # model then emits (training and decoding agree on positions and offsets), losslessly.

@@ -132,6 +132,21 @@ def test_grad_accumulation_is_exact(distilled):
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_mean_init_moves_the_masks_to_the_mean_embedding(tiny_checkpoint):
+    """bita.init=mean: the random draw, with the mean row of the embedding table added to each mask."""
+    cfg = hf.load_config(tiny_checkpoint)
+    params = hf.load_params(tiny_checkpoint, cfg)
+    adapter = bita_adapter.init_at_mean_embedding(LlamaModel(cfg), params, BITA, jax.random.key(3))
+    drawn = bita_adapter.init_adapter(cfg, BITA, jax.random.key(3))
+    mean = np.asarray(params["embed_tokens"]).mean(axis=0)  # [D]
+    np.testing.assert_allclose(
+        adapter["mask_embeddings"], drawn["mask_embeddings"] + mean, rtol=1e-6, atol=1e-7
+    )
+    for name in ("prefix_keys", "prefix_values"):
+        np.testing.assert_array_equal(adapter[name], drawn[name])
+    assert all(v.dtype == jnp.float32 for v in adapter.values())
+
+
 def motif(rng: np.random.Generator) -> list[int]:
     """PERIOD distinct ordinary token ids (0, 1, 2 are unk, bos, eos)."""
     return [int(t) for t in rng.choice(np.arange(3, 3 + ALPHABET), PERIOD, replace=False)]

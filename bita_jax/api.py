@@ -13,7 +13,7 @@ shapes does not compile again.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,6 +38,8 @@ from bita_jax.tuning.choice import TreeStore, load_store
 
 MODES = ("ar", "bita", "lookup")
 DEFAULT_LOOKUP_TREE = "lookup:4"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -245,7 +247,7 @@ class Model:
         """What tree="auto" decodes with at this batch size, for greedy or sampled decoding, with or
         without the chat template (resolved once per Model and setting; `tuning/auto.py`).
 
-        Says in one line on stderr when it decodes AR, measured step costs, fell back to the
+        Logs one line (INFO) when it decodes AR, measured step costs, fell back to the
         default tree, or took a choice stored for another chat setting; a tree stored for exactly
         this setting is silent.
         """
@@ -257,7 +259,7 @@ class Model:
                     self.bita_config.num_mask_tokens, batch_size, sampled, chat,
                 )  # fmt: skip
             if not auto.silent:
-                print(auto.note(), file=sys.stderr)
+                log.info(auto.note())
             self._auto[setting] = auto
         return self._auto[setting]
 

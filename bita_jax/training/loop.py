@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -32,6 +32,7 @@ from bita_jax.training import data, resume
 from bita_jax.training.optimizer import make_optimizer
 from bita_jax.training.step import TrainState, make_train_step, step_shardings
 
+log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -151,7 +152,7 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
                 save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
         return {**resume.last_metrics(metrics_path, start), "finished": True, "total_steps": total_steps}
     if start and is_main:
-        print(f"resumed from step {start} of {total_steps} ({cfg.output})", file=sys.stderr)
+        log.info("resumed from step %d of %d (%s)", start, total_steps, cfg.output)
     if is_main:
         for path in (metrics_path, eval_path):
             resume.trim_metrics(path, start)  # steps after the checkpoint will be logged again

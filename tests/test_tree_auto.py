@@ -18,7 +18,10 @@ from bita_jax.cli import tune as tune_cli
 from bita_jax.config import BiTAConfig
 from bita_jax.io import hf
 from bita_jax.io.adapter_files import save_adapter
+from bita_jax.sharding import mesh_rules
+from bita_jax.training import data
 from bita_jax.tuning import auto as auto_module
+from bita_jax.tuning import tuner
 from bita_jax.tuning.auto import resolve_auto_tree
 from bita_jax.tuning.choice import ChoiceKey, StepCosts, TreeStore, choose, load_store, save_store
 from bita_jax.tuning.stats import AcceptanceStats
@@ -93,6 +96,34 @@ def test_tune_cli_then_auto_equals_ar(tiny_checkpoint, adapter_dir, tmp_path, ca
         shown = json.load(f)["results"][0]["shown"]
     assert shown[0]["tree"] == "AR" and all(r["tau_measured"] >= 1.0 for r in shown)
     assert os.path.getsize(tmp_path / "out" / "tune.png") > 0
+
+
+def test_tune_cli_with_chat_on_a_mesh(tiny_checkpoint, adapter_dir, tmp_path, notes):
+    """--chat calibrates on the chat-framed prompts and stores the choice for chat; --mesh loads the
+    model on the mesh; decoding with chat then takes that choice, silently, and equals AR."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    mesh = "data=1,fsdp=1,tensor=2"
+    argv = [
+        "--model", tiny_checkpoint, "--adapter", adapter_dir, "--data", str(prompts), "--batch-sizes", "2",
+        "--max-new-tokens", str(MAX_NEW), "--max-rows", "10", "--measure-prompts", "0", "--max-rank", "36",
+        "--output-dir", str(tmp_path / "out"), "--chat", "--mesh", mesh,
+    ]  # fmt: skip
+    assert run_main(tune_cli.main, argv) == 0
+    store = load_store(adapter_dir)
+    assert set(store.choices) == {ChoiceKey(current_device_kind(), "float32", 2, "greedy", "exact", True)}
+    model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir, mesh=mesh)
+    options = dict(max_new_tokens=MAX_NEW, batch_size=2, chat=True)
+    auto_run, ar_run = model.run(PROMPTS, tree="auto", **options), model.run(PROMPTS, mode="ar", **options)
+    # The statistics are those of the chat-framed prompts and their greedy outputs.
+    assert [r["prompt_ids"] for r in ar_run.records] == model.encode(PROMPTS, chat=True)
+    examples = [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in ar_run.records]
+    with mesh_rules(model.mesh):
+        expected = tuner.acceptance_statistics(model.config, model.params, model.adapter, examples, 36)
+    assert store.statistics.to_json() == expected.to_json()
+    assert auto_run.auto.source == "stored" and auto_run.auto.stored_for == auto_run.auto.key
+    assert notes() == []  # the choice is for exactly this setting
+    assert output_ids(auto_run) == output_ids(ar_run)
 
 
 def hand_statistics() -> AcceptanceStats:

@@ -460,7 +460,9 @@ def result_records(
 ) -> list[dict[str, Any]]:
     """One output record per prompt, in input order, with its max_new_tokens and the sampling
     options that made it (`sampling.used_options`: temperature alone when greedy). `seconds` is
-    the prompt's share of the run's wall time: each chunk's time split over the prompts in it."""
+    the prompt's own wall time, from its insert into a decode slot to the end of the chunk that
+    finished it (its latency once admitted; prompts decoded together overlap, so the run's time
+    is `Run.seconds`, not their sum)."""
     return [
         {
             "prompt": text,

@@ -243,9 +243,7 @@ def decode(
             shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
             tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)
-            tqdm.write(
-                acceptance_report(run.generations, run.accepted_per_level, run.accepted_lookup), file=out
-            )
+            tqdm.write(acceptance_report(run), file=out)
         if args.compare and mode != "ar" and run.mode == "ar":
             # Auto decoded AR: the run was the AR loop itself; timing it twice would only measure noise.
             tqdm.write(
@@ -262,8 +260,8 @@ def decode(
             # runs falls on both modes alike.
             ar_timed = fastest_of_two(model, texts, ar_run, mode="ar", **timing)
             timed = fastest_of_two(model, texts, run, mode=mode, **timing)
-            tqdm.write(comparison_report(timed.generations, ar_timed.generations), file=out)
-    print(summarize(run.generations, run.compile_seconds), file=out)
+            tqdm.write(comparison_report(timed, ar_timed), file=out)
+    print(summarize(run), file=out)
     return 0
 
 

@@ -224,7 +224,9 @@ def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     assert len(logs) == 40
     assert all(len(r["mask_acc"]) == 3 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs)
     # Step 1's metrics are those of the initial adapter: the run must cut its loss and end near
-    # perfect on every offset.
+    # perfect on every offset. The mean start is right from step 1, so the loss cut is what tests the
+    # learning: with it switched off (learning rate 1e-9, seed 0) the loss stayed at 0.13-0.26 with
+    # dropout, 0.19 over the last 5 steps against the 0.14 required.
     first, last = logs[0], logs[-5:]
     assert np.mean([r["loss"] for r in last]) < 0.75 * first["loss"], first["loss"]
     final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]

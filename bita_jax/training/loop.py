@@ -32,7 +32,7 @@ from bita_jax.training import data, resume
 from bita_jax.training.optimizer import make_optimizer
 from bita_jax.training.step import TrainState, make_train_step, step_shardings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -152,7 +152,7 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
                 save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
         return {**resume.last_metrics(metrics_path, start), "finished": True, "total_steps": total_steps}
     if start and is_main:
-        log.info("resumed from step %d of %d (%s)", start, total_steps, cfg.output)
+        logger.info("resumed from step %d of %d (%s)", start, total_steps, cfg.output)
     if is_main:
         for path in (metrics_path, eval_path):
             resume.trim_metrics(path, start)  # steps after the checkpoint will be logged again

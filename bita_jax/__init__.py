@@ -6,6 +6,9 @@ The public API (bita_jax/api.py):
     model = bita_jax.load("MODEL_DIR", adapter="ADAPTER_DIR", dtype="float32")   # adapter optional
     records = model.generate(["def add(a, b):"], max_new_tokens=64, mode="bita", tree="upper:5")
 
+`DecodingOptions` holds the decoding options every entry point shares (load's dtype, precision and
+mesh; run's mode, tree, batch size, chat and sampling).
+
 Sub-packages import downwards only, in this order (top first): recipe > cli > api > demo > tuning >
 training > io > decoding > bita > models > sharding > config > errors. docs/architecture.md gives the
 reasons; tests/test_layering.py fails on an import that climbs or a cycle.
@@ -13,7 +16,7 @@ reasons; tests/test_layering.py fails on an import that climbs or a cycle.
 
 from __future__ import annotations
 
-__all__ = ["GenerateOptions", "Model", "Run", "load"]
+__all__ = ["DecodingOptions", "GenerateOptions", "Model", "Run", "load"]
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ shapes does not compile again.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,7 +25,7 @@ from bita_jax.bita.tree import DraftTree, parse_tree
 from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, decoding_dtypes
 from bita_jax.decoding import engine as slot_engine
 from bita_jax.decoding import loop, runner
-from bita_jax.decoding.sampling import Sampler, ignored_options, used_options
+from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, ignored_options, used_options
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.io.gguf import resolve_model
@@ -38,6 +38,8 @@ from bita_jax.tuning.choice import TreeStore, load_store
 
 MODES = ("ar", "bita", "lookup")
 DEFAULT_LOOKUP_TREE = "lookup:4"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -85,12 +87,10 @@ class Delta:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateOptions:
-    """Options of `Model.generate` / `Model.run`.
+class RunOptions:
+    """How a loaded model decodes: the part of `DecodingOptions` that `Model.run` takes.
 
     Attributes:
-      max_new_tokens: new tokens per prompt at most (rows also stop at EOS): one number, or one
-        per prompt.
       mode: "ar", "bita" or "lookup"; default "bita" with an adapter, else "ar". "lookup" is
         prompt-lookup decoding: the tree step with a lookup chain only (`lookup:n`), no adapter.
       tree: BiTA draft tree spec: "auto" (the adapter's trees.json choice for this device, dtype,
@@ -104,6 +104,56 @@ class GenerateOptions:
         top_k (0: off) and top_p (1: off), as transformers' `generate` does. BiTA's sampled output
         equals AR's for the same options and seed.
       seed: the sampling seed; a prompt's draws depend only on it, its index and the options.
+    """
+
+    mode: str | None = None
+    tree: str | DraftTree = AUTO
+    batch_size: int = 1
+    chat: bool = False
+    temperature: float = 0.0
+    top_k: int = SAMPLING_ONLY["top_k"]
+    top_p: float = SAMPLING_ONLY["top_p"]
+    seed: int = SAMPLING_ONLY["seed"]
+
+    def sampling(self) -> dict[str, float | int]:
+        """temperature, top_k, top_p and seed."""
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions(RunOptions):
+    """The decoding options of every entry point (mode, tree, batch size, chat, sampling, dtype,
+    precision, mesh), under these names and defaults in the API and, as flags, in decode.py, the
+    tuner and bench (cli/options.py): `load` takes dtype, precision and mesh, `Model.run` the rest.
+
+    Attributes (beyond `RunOptions`'):
+      dtype: "float32" or "bfloat16", the weights' dtype.
+      precision: "exact" computes activations, logits and the KV cache in float32 (bfloat16
+        weights: BiTA's output equals AR's, the cache takes twice the bytes); "fast" computes in
+        `dtype` (see `config.decoding_dtypes`).
+      mesh: a (data, fsdp, tensor) mesh spec such as "data=1,fsdp=1,tensor=8"; None: one device.
+    """
+
+    dtype: str = "float32"
+    precision: str = "exact"
+    mesh: str | None = None
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of `load`: dtype, precision, mesh."""
+        return {"dtype": self.dtype, "precision": self.precision, "mesh": self.mesh}
+
+    def run_options(self) -> dict[str, Any]:
+        """The keyword arguments of `Model.run` (the `RunOptions` fields)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions(RunOptions):
+    """Options of `Model.generate` / `Model.run`: the `RunOptions` fields and these.
+
+    Attributes:
+      max_new_tokens: new tokens per prompt at most (rows also stop at EOS): one number, or one
+        per prompt.
       batching: "continuous" refills a slot as soon as its prompt finishes; "static" decodes
         batches of batch_size prompts, each until its slowest prompt finishes. Outputs are equal.
       ignore_eos: decode max_new_tokens per prompt whatever it emits (benchmarks).
@@ -112,14 +162,6 @@ class GenerateOptions:
     """
 
     max_new_tokens: int | Sequence[int] = 128
-    mode: str | None = None
-    tree: str | DraftTree = AUTO
-    batch_size: int = 1
-    chat: bool = False
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
     batching: str = "continuous"
     ignore_eos: bool = False
     chunk_steps: int = slot_engine.CHUNK_STEPS
@@ -245,7 +287,7 @@ class Model:
         """What tree="auto" decodes with at this batch size, for greedy or sampled decoding, with or
         without the chat template (resolved once per Model and setting; `tuning/auto.py`).
 
-        Says in one line on stderr when it decodes AR, measured step costs, fell back to the
+        Logs one line (INFO) when it decodes AR, measured step costs, fell back to the
         default tree, or took a choice stored for another chat setting; a tree stored for exactly
         this setting is silent.
         """
@@ -257,7 +299,7 @@ class Model:
                     self.bita_config.num_mask_tokens, batch_size, sampled, chat,
                 )  # fmt: skip
             if not auto.silent:
-                print(auto.note(), file=sys.stderr)
+                log.info(auto.note())
             self._auto[setting] = auto
         return self._auto[setting]
 
@@ -418,7 +460,9 @@ def result_records(
 ) -> list[dict[str, Any]]:
     """One output record per prompt, in input order, with its max_new_tokens and the sampling
     options that made it (`sampling.used_options`: temperature alone when greedy). `seconds` is
-    the prompt's share of the run's wall time: each chunk's time split over the prompts in it."""
+    the prompt's own wall time, from its insert into a decode slot to the end of the chunk that
+    finished it (its latency once admitted; prompts decoded together overlap, so the run's time
+    is `Run.seconds`, not their sum)."""
     return [
         {
             "prompt": text,
@@ -438,9 +482,9 @@ def result_records(
 def load(
     model_dir: str,
     adapter: str | None = None,
-    dtype: str = "float32",
-    precision: str = "exact",
-    mesh: Mesh | str | None = None,
+    dtype: str = DecodingOptions.dtype,
+    precision: str = DecodingOptions.precision,
+    mesh: Mesh | str | None = DecodingOptions.mesh,
     scan_layers: bool = loop.SCAN_LAYERS,
 ) -> Model:
     """Loads a Hugging Face LlamaForCausalLM directory (and a BiTA adapter directory) for decoding.
@@ -452,10 +496,7 @@ def load(
       adapter: adapter directory written by train.py (adapter.safetensors, adapter_config.json;
         trees.json, written by `python -m bita_jax.tune`, serves tree="auto"), or the short name
         of one shipped in the package ("smollm2", for model "smollm2").
-      dtype: "float32" or "bfloat16", the weights' dtype.
-      precision: "exact" computes activations, logits and the KV cache in float32 (bfloat16
-        weights: BiTA's output equals AR's, the cache takes twice the bytes); "fast" computes in
-        `dtype` (see `config.decoding_dtypes`).
+      dtype, precision: as `DecodingOptions` has them (the weights' dtype; exact or fast compute).
       mesh: a (data, fsdp, tensor) Mesh, or its spec such as "data=1,fsdp=1,tensor=8";
         default one device.
       scan_layers: run the layers as one scan (faster compiles of deep models, slower steps).

@@ -208,7 +208,7 @@ def _positive_float(value: Any, key: str, where: str) -> float:
     return float(value)
 
 
-ADAPTER_INITS = ("random", "activations")
+ADAPTER_INITS = ("random", "activations", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,8 @@ class BiTAConfig:
     prefix_dropout: float = 0.1
     init_std: float = 0.02
     # "random": N(0, init_std). "activations": the prefix from the frozen model's own keys/values on
-    # real text and the masks from real token embeddings (bita.adapter.init_from_text).
+    # real text and the masks from real token embeddings (bita.adapter.init_from_text). "mean": as
+    # random, plus the mean input embedding on each mask (bita.adapter.init_at_mean_embedding).
     init: str = "random"
     # r > 0: rank-r updates of every linear map (q, k, v, o, gate, up, down), applied on mask rows
     # only (bita.adapter.mask_lora). Capacity beyond the paper that leaves the output unchanged:

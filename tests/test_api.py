@@ -66,6 +66,26 @@ def test_second_generate_does_not_compile(tiny_checkpoint, adapter_dir):
     assert sampled.compile_seconds > 0 and reseeded.compile_seconds == 0
 
 
+def test_a_records_seconds_is_its_own_time(tiny_checkpoint):
+    """`seconds` runs from the prompt's insert to the chunk that finished it: within the run's time;
+    one slot decodes the prompts one after another (their times fit in the run's); two slots decode
+    two equal budgets side by side, finishing in the same chunk (the one admitted later took no
+    longer, and together they took more than the run: not a share of it)."""
+    import bita_jax
+
+    model = bita_jax.load(tiny_checkpoint)
+    prompts = ["def add(a, b):", "x"]
+    options = dict(max_new_tokens=40, mode="ar", ignore_eos=True, chunk_steps=8)
+    one_slot = model.run(prompts, batch_size=1, **options)
+    times = [g.seconds for g in one_slot.generations]
+    assert [r["seconds"] for r in one_slot.records] == [round(t, 6) for t in times]
+    assert all(0 < t <= one_slot.seconds for t in times) and sum(times) <= one_slot.seconds
+    two_slots = model.run(prompts, batch_size=2, **options)
+    first, second = (g.seconds for g in two_slots.generations)
+    assert 0 < second <= first <= two_slots.seconds
+    assert first + second > two_slots.seconds
+
+
 def test_a_draft_tree_is_accepted_where_a_tree_spec_is(tiny_checkpoint, adapter_dir):
     import bita_jax
     from bita_jax.bita.tree import DraftTree, parse_tree

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from bita_jax.cli import run_main
 from bita_jax.errors import UserError
 from bita_jax.recipe import pipeline
 from bita_jax.recipe import prompts as sharegpt
@@ -89,7 +90,8 @@ def test_recipe_stages_resume_where_they_stopped(tiny_checkpoint, tmp_path, caps
 
     # Training interrupted after 2 of 4 steps resumes from its checkpoint; evaluations are logged once each.
     assert recipe_main(args + ["--stages", "train"]) == 0
-    assert recipe_main(args + ["--set", "steps=4", "--stages", "train,curve"]) == 0
+    # Through run_main, as `python -m bita_jax.recipe` runs: the library's log lines reach stderr.
+    assert run_main(recipe_main, args + ["--set", "steps=4", "--stages", "train,curve"]) == 0
     assert "resumed from step 2" in capsys.readouterr().err
     evals = [json.loads(line) for line in read_lines(os.path.join(run, "train", loop.EVAL_FILE))]
     assert [e["step"] for e in evals] == [0, 2, 4]

@@ -132,6 +132,21 @@ def test_grad_accumulation_is_exact(distilled):
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_mean_init_moves_the_masks_to_the_mean_embedding(tiny_checkpoint):
+    """bita.init=mean: the random draw, with the mean row of the embedding table added to each mask."""
+    cfg = hf.load_config(tiny_checkpoint)
+    params = hf.load_params(tiny_checkpoint, cfg)
+    adapter = bita_adapter.init_at_mean_embedding(LlamaModel(cfg), params, BITA, jax.random.key(3))
+    drawn = bita_adapter.init_adapter(cfg, BITA, jax.random.key(3))
+    mean = np.asarray(params["embed_tokens"]).mean(axis=0)  # [D]
+    np.testing.assert_allclose(
+        adapter["mask_embeddings"], drawn["mask_embeddings"] + mean, rtol=1e-6, atol=1e-7
+    )
+    for name in ("prefix_keys", "prefix_values"):
+        np.testing.assert_array_equal(adapter[name], drawn[name])
+    assert all(v.dtype == jnp.float32 for v in adapter.values())
+
+
 def motif(rng: np.random.Generator) -> list[int]:
     """PERIOD distinct ordinary token ids (0, 1, 2 are unk, bos, eos)."""
     return [int(t) for t in rng.choice(np.arange(3, 3 + ALPHABET), PERIOD, replace=False)]
@@ -171,51 +186,56 @@ def patterned(tmp_path_factory):
     return model_dir, data_path, prompts, generations
 
 
-def train_adapter(model_dir: str, data_path: str, out_dir: str, seed: int) -> bool:
-    """Trains 40 steps, checks the loss fell; returns whether every mask offset ended near perfect."""
-    cfg = TrainConfig(
-        model=model_dir,
-        output=out_dir,
-        steps=40,
-        batch_size=8,
-        dtype="float32",
-        log_every=1,
-        save_every=1000,
-        seed=seed,
-        bita=dataclasses.replace(BITA, prefix_dropout=0.1),
-        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
-    )
-    train_loop.run(cfg)
-    logs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
-    print("seed", seed, "loss", [round(r["loss"], 3) for r in logs], "acc", logs[-1]["mask_acc"])
-    assert len(logs) == 40
-    assert all(len(r["mask_acc"]) == 3 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs)
-    # Step 1's metrics are those of the initial adapter. Every run must lower the loss.
-    first, last = logs[0], logs[-5:]
-    assert np.mean([r["loss"] for r in last]) < 0.75 * first["loss"], (seed, first["loss"])
-    final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]
-    # Near perfect on every offset (some initial adapters already are: their loss starts below 1).
-    return bool(np.all(final_acc >= 0.95))
-
-
 def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):
     model_dir, data_path, prompts, generations = patterned
     # The premise: greedy decoding continues every unseen motif exactly (no EOS within 40 tokens).
     for prompt, gen in zip(prompts, generations, strict=True):
         assert gen.output_ids == (prompt[1 : 1 + PERIOD] * 10)[:40]
-    # On this 2-layer model the loss landscape has seed-dependent plateaus: from some initial
-    # adapters a mask offset stalls at 40-85% accuracy for 100+ steps (seeds 0, 2, 5, 9 of 0-9 on
-    # one CPU; which seeds depends on the CPU, since the pretrained base model does). Every run must
-    # cut its loss; one of up to six seeds must learn every offset.
-    for seed in range(6):
-        run_dir = str(tmp_path / f"run{seed}")
-        learned = train_adapter(model_dir, data_path, run_dir, seed)
-        if learned:
-            break
-    assert learned, "no seed learned every mask offset"
-    # Observed: loss 3.3 -> 0.04 over the last 5 steps, mask_acc [0.45, 0.34, 0.45] -> [1.0, 1.0,
-    # 1.0] (0.98 at times on the last offset: each example's last target is the appended EOS,
-    # which the base model never predicts).
+    # The masks start at the mean input embedding (bita.init=mean), which removes the seed-dependent
+    # plateaus this test once retried past. Their cause: this model's heads are sharply positional
+    # (on one CPU: in layer 0 two heads attend to the row itself and two to the token 3 back, in
+    # layer 1 all four to the token 3 back, each with weight ~1.0), and a mask row predicts its label
+    # (the token after its position, which is the token 3 before it, as for ordinary rows) exactly
+    # when it attends as an ordinary row does. A random mask embedding is a direction no token has,
+    # scaled to full size by the first RMSNorm: its layer-0 heads lock onto arbitrary positions
+    # (12, 19, ... back), again with weight ~1.0, so the softmax passes almost no gradient towards
+    # the token 3 back and that offset plateaus at 30-45% accuracy. Seeds 0-9 at 40 steps, stalled:
+    # N(0, 0.02) (the default) 4, learning rate 1e-2 5, a zero start (the first Adam step is as
+    # random a direction) 10, `activations` (its prefix keys, the model's own, draw all of every mask
+    # row's attention) 10, a base model pretrained with weight decay 0.1 / 0.3 (softer heads) 4 / 2;
+    # mean embedding 0, every offset right from step 1: the rows attend as ordinary rows do.
+    # (Sweeps on one CPU with the dropout seed fixed; the mean start also 10 of 10 through this run.)
+    run_dir = str(tmp_path / "run")
+    cfg = TrainConfig(
+        model=model_dir,
+        output=run_dir,
+        steps=40,
+        batch_size=8,
+        dtype="float32",
+        log_every=1,
+        save_every=1000,
+        seed=0,
+        bita=dataclasses.replace(BITA, prefix_dropout=0.1, init="mean"),
+        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
+    )
+    train_loop.run(cfg)
+    logs = [json.loads(line) for line in open(os.path.join(run_dir, train_loop.METRICS_FILE))]
+    print("loss", [round(r["loss"], 3) for r in logs], "acc", logs[0]["mask_acc"], "->", logs[-1]["mask_acc"])
+    assert len(logs) == 40
+    assert all(len(r["mask_acc"]) == 3 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in logs)
+    # Step 1's metrics are those of the initial adapter: the run must cut its loss and end near
+    # perfect on every offset. The mean start is right from step 1, so the loss cut is what tests the
+    # learning: with it switched off (learning rate 1e-9, seed 0) the loss stayed at 0.13-0.26 with
+    # dropout, 0.19 over the last 5 steps against the 0.14 required.
+    first, last = logs[0], logs[-5:]
+    assert np.mean([r["loss"] for r in last]) < 0.75 * first["loss"], first["loss"]
+    final_acc = np.mean([r["mask_acc"] for r in last], axis=0)  # [M]
+    assert np.all(final_acc >= 0.95), final_acc
+    # Observed (seed 0): loss 0.18 at step 1 -> 0.07 over the last 5 steps, mask_acc [1.0, 1.0, 0.99]
+    # at both ends (the last offset's misses: each example's last target is the appended EOS, which
+    # the base model never predicts). Adam's first steps move every coordinate by ~lr = 0.03, more
+    # than the mean embedding's own entries, and knock some offset down for a step or two (here to
+    # 9% at step 2; at worst 6% over seeds 0-9); every seed was back near perfect by step 5.
 
     # End to end: the trained adapter, decoded with the reference tree, must draft what the base
     # model then emits (training and decoding agree on positions and offsets), losslessly.

@@ -2,6 +2,7 @@
 whatever auto picks, the output is AR's."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -17,7 +18,10 @@ from bita_jax.cli import tune as tune_cli
 from bita_jax.config import BiTAConfig
 from bita_jax.io import hf
 from bita_jax.io.adapter_files import save_adapter
+from bita_jax.sharding import mesh_rules
+from bita_jax.training import data
 from bita_jax.tuning import auto as auto_module
+from bita_jax.tuning import tuner
 from bita_jax.tuning.auto import resolve_auto_tree
 from bita_jax.tuning.choice import ChoiceKey, StepCosts, TreeStore, choose, load_store, save_store
 from bita_jax.tuning.stats import AcceptanceStats
@@ -34,6 +38,20 @@ def random_adapter(tiny_checkpoint, tmp_path_factory):
     config = hf.load_config(tiny_checkpoint)
     adapter = init_adapter(config, BITA, jax.random.key(5))
     return save_adapter(str(tmp_path_factory.mktemp("adapter") / "adapter"), adapter, BITA, tiny_checkpoint)
+
+
+@pytest.fixture
+def notes(caplog):
+    """A function returning the library's log lines (INFO and up) since its last call, then
+    forgetting them."""
+    caplog.set_level(logging.INFO, logger="bita_jax")
+
+    def take() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("bita_jax")]
+        caplog.clear()
+        return lines
+
+    return take
 
 
 @pytest.fixture
@@ -80,12 +98,41 @@ def test_tune_cli_then_auto_equals_ar(tiny_checkpoint, adapter_dir, tmp_path, ca
     assert os.path.getsize(tmp_path / "out" / "tune.png") > 0
 
 
+def test_tune_cli_with_chat_on_a_mesh(tiny_checkpoint, adapter_dir, tmp_path, notes):
+    """--chat calibrates on the chat-framed prompts and stores the choice for chat; --mesh loads the
+    model on the mesh; decoding with chat then takes that choice (not another setting's) and equals AR."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    mesh = "data=1,fsdp=1,tensor=2"
+    argv = [
+        "--model", tiny_checkpoint, "--adapter", adapter_dir, "--data", str(prompts), "--batch-sizes", "2",
+        "--max-new-tokens", str(MAX_NEW), "--max-rows", "10", "--measure-prompts", "0", "--max-rank", "36",
+        "--output-dir", str(tmp_path / "out"), "--chat", "--mesh", mesh,
+    ]  # fmt: skip
+    assert run_main(tune_cli.main, argv) == 0
+    store = load_store(adapter_dir)
+    assert set(store.choices) == {ChoiceKey(current_device_kind(), "float32", 2, "greedy", "exact", True)}
+    model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir, mesh=mesh)
+    options = dict(max_new_tokens=MAX_NEW, batch_size=2, chat=True)
+    auto_run, ar_run = model.run(PROMPTS, tree="auto", **options), model.run(PROMPTS, mode="ar", **options)
+    # The statistics are those of the chat-framed prompts and their greedy outputs.
+    assert [r["prompt_ids"] for r in ar_run.records] == model.encode(PROMPTS, chat=True)
+    examples = [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in ar_run.records]
+    with mesh_rules(model.mesh):
+        expected = tuner.acceptance_statistics(model.config, model.params, model.adapter, examples, 36)
+    assert store.statistics.to_json() == expected.to_json()
+    assert auto_run.auto.source == "stored" and auto_run.auto.stored_for == auto_run.auto.key
+    # Silent for a stored tree; a stored AR decision is said, but never as another setting's choice.
+    assert all(note.endswith("stored choice)") for note in notes())
+    assert output_ids(auto_run) == output_ids(ar_run)
+
+
 def hand_statistics() -> AcceptanceStats:
     rng = np.random.default_rng(0)
     return AcceptanceStats.from_ranks([rng.integers(0, 3, size=(20, 3))], max_rank=3)
 
 
-def test_auto_decodes_a_stored_tree_or_ar_as_stored(tiny_checkpoint, adapter_dir, capsys):
+def test_auto_decodes_a_stored_tree_or_ar_as_stored(tiny_checkpoint, adapter_dir, notes, capsys):
     tree = DraftTree.from_paths([(0,), (1,), (0, 0)])
     kind = current_device_kind()
     wins = choose([(tree, 1.8)], StepCosts(2, 0.01, (4, 20), (0.011, 0.02)))  # 1.8 / 1.35 x AR
@@ -99,16 +146,16 @@ def test_auto_decodes_a_stored_tree_or_ar_as_stored(tiny_checkpoint, adapter_dir
     tree_run, ar_run = decode_both(model, batch_size=2)
     assert (tree_run.mode, tree_run.tree, tree_run.auto.source) == ("bita", tree, "stored")
     assert output_ids(tree_run) == output_ids(ar_run)
-    assert capsys.readouterr().err == ""  # a stored tree choice is silent
+    assert notes() == [] and capsys.readouterr().err == ""  # a stored tree choice is silent
 
     fallback_run, ar_run = decode_both(model, batch_size=1)
     assert (fallback_run.mode, fallback_run.tree) == ("ar", None)
     assert output_ids(fallback_run) == output_ids(ar_run)
-    (note,) = capsys.readouterr().err.splitlines()
+    (note,) = notes()
     assert note.startswith(f"tree auto: AR on {kind} float32 batch 1")
 
 
-def test_a_sampled_run_does_not_reuse_a_greedy_choice(tiny_checkpoint, adapter_dir, capsys):
+def test_a_sampled_run_does_not_reuse_a_greedy_choice(tiny_checkpoint, adapter_dir, notes):
     tree = DraftTree.from_paths([(0,), (1,), (0, 0)])
     wins = choose([(tree, 1.8)], StepCosts(2, 0.01, (4, 20), (0.011, 0.02)))  # greedy: 1.8 / 1.35 x AR
     save_store(adapter_dir, TreeStore(hand_statistics()).with_choice(current_device_kind(), "float32", wins))
@@ -117,19 +164,19 @@ def test_a_sampled_run_does_not_reuse_a_greedy_choice(tiny_checkpoint, adapter_d
     sampled = model.run(PROMPTS, mode="bita", tree="auto", **options)
     assert sampled.auto.key.sampling == "sampled" and sampled.auto.source == "default"
     assert sampled.tree == parse_tree(DEFAULT_TREE, BITA.num_mask_tokens)
-    (note,) = capsys.readouterr().err.splitlines()
+    (note,) = notes()
     assert "no choice for sampled decoding" in note and "batch 2 sampled" in note
     assert output_ids(sampled) == output_ids(model.run(PROMPTS, mode="ar", **options))
     greedy, _ = decode_both(model, batch_size=2)  # the same Model: greedy still takes the stored tree
     assert (greedy.auto.source, greedy.tree) == ("stored", tree)
 
 
-def test_auto_without_trees_json_uses_the_default_tree(tiny_checkpoint, adapter_dir, capsys):
+def test_auto_without_trees_json_uses_the_default_tree(tiny_checkpoint, adapter_dir, notes):
     model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
     default_run, ar_run = decode_both(model, batch_size=2)
     assert default_run.mode == "bita" and default_run.tree == parse_tree(DEFAULT_TREE, BITA.num_mask_tokens)
     assert output_ids(default_run) == output_ids(ar_run)
-    (note,) = capsys.readouterr().err.splitlines()
+    (note,) = notes()
     assert "no trees.json statistics" in note and DEFAULT_TREE in note
 
 

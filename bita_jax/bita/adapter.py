@@ -77,6 +77,21 @@ def init_adapter(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> Adapte
     return {**tokens, **init_lora(model, bita, jax.random.fold_in(rng, 1))}
 
 
+def init_at_mean_embedding(model: LlamaModel, params, bita: BiTAConfig, rng: jax.Array) -> Adapter:
+    """`init_adapter`'s draw with the mean of the model's input embeddings added to each mask embedding.
+
+    A mask row then starts as an average token, an input like those the frozen layers were trained
+    on. A random (or zero) mask embedding is a direction no token has, scaled to full size by the
+    first RMSNorm; in a model with sharp positional heads (tests/test_training.py's) it sends each
+    head of the mask row to an arbitrary relative position with a saturated softmax, whose gradient
+    cannot move it: which mask offsets then learn depends on the seed.
+    """
+    adapter = init_adapter(model.config, bita, rng)
+    table_mean = lambda m: jnp.mean(m.embed_tokens, axis=0, dtype=jnp.float32)  # noqa: E731  [D]
+    mean = model.apply({"params": params}, method=table_mean)
+    return {**adapter, "mask_embeddings": adapter["mask_embeddings"] + mean}  # [M, D] + [D]
+
+
 def init_from_text(
     model: LlamaModel, params, bita: BiTAConfig, tokens: jax.Array, rng: jax.Array
 ) -> Adapter:

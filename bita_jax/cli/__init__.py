@@ -1,14 +1,17 @@
 """The command-line shells behind decode.py and train.py, and their shared plumbing: user errors
-become one line on stderr and exit code 2, no traceback; warnings become one `warning: ...` line."""
+become one line on stderr and exit code 2, no traceback; warnings become one `warning: ...` line;
+the library's log records (`logging`, INFO and up under `bita_jax`) become their message lines."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 from bita_jax.errors import ConfigError, Interrupted, UserError
 
@@ -37,13 +40,31 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _library_log_on_stderr() -> Iterator[None]:
+    """While open, the `bita_jax` loggers' INFO-and-up records print as bare lines on stderr (the
+    stream current at entry, so a test's captured stderr sees them); their earlier level returns."""
+    library = logging.getLogger("bita_jax")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+
+
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Calls main(argv); prints `error: <message>` for user errors and returns exit code 2.
 
-    An interrupted run (Ctrl-C, SIGTERM) prints one line and returns 130.
+    An interrupted run (Ctrl-C, SIGTERM) prints one line and returns 130. The library's log
+    records print on stderr meanwhile (`_library_log_on_stderr`).
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _library_log_on_stderr():
             warnings.showwarning = _one_line_warning
             return main(argv) or 0
     except USER_ERRORS as e:

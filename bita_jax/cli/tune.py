@@ -7,8 +7,8 @@
 2. Step cost: the jitted tree step for a ladder of row counts and the AR step, measured here.
 3. The choice per batch size: the tree with the most predicted tokens/s = B tau / t(B, rows);
    AR unless a tree is predicted faster by 5%.
-Writes the statistics and the choices (keyed by device kind, dtype, batch size, greedy, the loaded
-precision and no chat: docs/tuning.md) into
+Writes the statistics and the choices (keyed by device kind, dtype, batch size, greedy, --precision
+and --chat: docs/tuning.md) into
 ADAPTER/trees.json, which `--tree auto` (decode.py's default) reads; prints the candidate table
 with measured tokens/s on the first --measure-prompts prompts, and writes tune.json and tune.png
 (tau and tokens/s against rows per step) to --output-dir.
@@ -29,12 +29,13 @@ import numpy as np
 from bita_jax import api
 from bita_jax.bita.tree import DraftTree
 from bita_jax.cli import UserError, run_main
-from bita_jax.cli.bench import parse_batch_sizes
+from bita_jax.cli.options import MODEL_GROUPS, add_decoding_flags, decoding_options, parse_batch_sizes
 from bita_jax.cli.reports import fastest_of_two
-from bita_jax.config import DTYPES, DataConfig, precision_of
+from bita_jax.config import DataConfig, MeshConfig, precision_of
 from bita_jax.io import lock
 from bita_jax.io.paths import check_writable_dir
 from bita_jax.io.prompts import read_prompts
+from bita_jax.sharding import make_mesh, mesh_rules
 from bita_jax.training import data
 from bita_jax.tuning import step_cost, tuner
 from bita_jax.tuning.choice import Prediction, load_store, save_store
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="BiTA adapter directory; trees.json goes there")
     parser.add_argument("--data", required=True, help="calibration jsonl: decode.py records or prompts")
     parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes to choose for")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_decoding_flags(parser, MODEL_GROUPS)  # chat, dtype, precision, mesh: as decode.py will decode
     parser.add_argument("--max-new-tokens", type=int, default=128, help="for prompts decoded first")
     parser.add_argument("--max-rank", type=int, default=tuner.DEFAULT_MAX_RANK, help="draft ranks tracked")
     parser.add_argument("--max-rows", type=int, default=tuner.DEFAULT_MAX_ROWS, help="largest tree step")
@@ -58,23 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def calibration_examples(
-    model: api.Model, model_dir: str, path: str, max_new_tokens: int, batch_size: int
+    model: api.Model, model_dir: str, path: str, max_new_tokens: int, batch_size: int, chat: bool
 ) -> list[data.Example]:
-    """(source, target) calibration examples from a decode.py jsonl, or from a prompts jsonl by
-    greedy AR decoding (max_new_tokens each, batch_size at a time)."""
+    """(source, target) calibration examples from a decode.py jsonl (its prompt_ids as they are), or
+    from a prompts jsonl by greedy AR decoding (max_new_tokens each, batch_size at a time; `chat`:
+    in the chat template)."""
     if tuner.has_outputs(path):
         config = DataConfig(path=path, max_length=model.config.max_position_embeddings)
         return data.read_examples(config, model_dir, model.config.eos_token_ids[0])
-    run = model.run(read_prompts(path), max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
+    prompts = read_prompts(path)
+    run = model.run(prompts, max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size, chat=chat)
     return [data.Example(tuple(r["prompt_ids"]), tuple(r["output_ids"])) for r in run.records]
 
 
 def measured_speed(model: api.Model, prompts: list[str], tree: DraftTree | None, batch_size: int,
-                   max_new_tokens: int) -> tuple[float, float, list[list[int]]]:  # fmt: skip
-    """(tokens per step, tokens/s, output ids) of decoding prompts with the tree (None: AR),
-    compiles excluded; the faster of two runs (the first also warms the executable up)."""
+                   max_new_tokens: int, chat: bool) -> tuple[float, float, list[list[int]]]:  # fmt: skip
+    """(tokens per step, tokens/s, output ids) of decoding prompts (`chat`: in the chat template)
+    with the tree (None: AR), compiles excluded; the faster of two runs (the first also warms the
+    executable up)."""
     options = {"mode": "ar"} if tree is None else {"mode": "bita", "tree": tree}
-    options.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    options.update(max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
     run = fastest_of_two(model, prompts, model.run(prompts, **options), **options)
     tokens = sum(len(g.output_ids) for g in run.generations)
     steps = sum(g.steps for g in run.generations)
@@ -109,15 +113,16 @@ def table(rows: list[dict], ar_seconds: float) -> str:
 
 
 def measure_rows(
-    model: api.Model, tuning: tuner.Tuning, prompts: list[str], max_new_tokens: int
+    model: api.Model, tuning: tuner.Tuning, prompts: list[str], max_new_tokens: int, chat: bool
 ) -> list[dict]:
-    """AR then the shown trees: predicted and (on prompts; nan without) measured tau and tokens/s."""
+    """AR then the shown trees: predicted and (on prompts, `chat`: in the chat template; nan
+    without) measured tau and tokens/s."""
     rows = []
     for p in [tuning.choice.ar, *tuner.shown_trees(tuning)]:
         tau, speed = float("nan"), float("nan")
         if prompts:
             tau, speed, _ = measured_speed(
-                model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens
+                model, prompts, p.tree, tuning.costs.batch_size, max_new_tokens, chat
             )
         rows.append(
             {
@@ -174,6 +179,12 @@ def plot(results: list[dict], title: str, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
+    decoding = decoding_options(args)
+    if decoding.mesh is not None:  # refused before a load, as the API would refuse each batch size
+        shape = make_mesh(MeshConfig.parse(decoding.mesh)).shape
+        ways = shape["data"] * shape["fsdp"]
+        if any(b % ways for b in batch_sizes):
+            raise UserError(f"--batch-sizes must be multiples of the mesh's data*fsdp = {ways}")
     if not 1 <= args.max_rank <= 36:
         raise UserError(f"--max-rank must be in 1..36, got {args.max_rank}")
     if not os.path.isdir(args.adapter):
@@ -186,16 +197,22 @@ def main(argv: list[str] | None = None) -> int:
             held.enter_context(
                 lock.exclusive(args.output_dir, f"--output-dir {args.output_dir}", directory=True)
             )
-        return tune(args, batch_sizes)
+        return tune(args, decoding, batch_sizes)
 
 
-def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
-    """Measures, chooses and writes the trees (the module docstring's steps 1-3)."""
-    model = api.load(args.model, adapter=args.adapter, dtype=args.dtype)
+def tune(args: argparse.Namespace, decoding: api.DecodingOptions, batch_sizes: list[int]) -> int:
+    """Measures, chooses and writes the trees (the module docstring's steps 1-3) for the model
+    loaded and the prompts framed as `decoding` says (dtype, precision, mesh, chat)."""
+    model = api.load(args.model, adapter=args.adapter, **decoding.load_options())
     device_kind = step_cost.current_device_kind()
     start = time.perf_counter()
-    examples = calibration_examples(model, args.model, args.data, args.max_new_tokens, max(batch_sizes))
-    stats = tuner.acceptance_statistics(model.config, model.params, model.adapter, examples, args.max_rank)
+    examples = calibration_examples(
+        model, args.model, args.data, args.max_new_tokens, max(batch_sizes), decoding.chat
+    )
+    with mesh_rules(model.mesh):
+        stats = tuner.acceptance_statistics(
+            model.config, model.params, model.adapter, examples, args.max_rank
+        )
     print(
         f"statistics: {len(examples)} sequences, {stats.num_points} drafting points, "
         f"{len(stats.counts)} rank paths ({time.perf_counter() - start:.1f} s)",
@@ -205,17 +222,18 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
     prompts = []
     if args.measure_prompts > 0:
         prompts = read_prompts(args.data)[: args.measure_prompts]
-    title = f"{device_kind} {args.dtype}, {os.path.basename(os.path.normpath(args.adapter))}"
+    title = f"{device_kind} {decoding.dtype}, {os.path.basename(os.path.normpath(args.adapter))}"
     results, choices = [], []
     for batch in batch_sizes:
         start = time.perf_counter()
-        tuning = tuner.tune_batch_size(
-            model.config, model.params, model.adapter, stats, batch, args.max_rows, prompt_len,
-            args.max_new_tokens,
-        )  # fmt: skip
+        with mesh_rules(model.mesh):
+            tuning = tuner.tune_batch_size(
+                model.config, model.params, model.adapter, stats, batch, args.max_rows, prompt_len,
+                args.max_new_tokens,
+            )  # fmt: skip
         choices.append(tuning.choice)
         print(f"batch {batch}: step costs measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        rows = measure_rows(model, tuning, prompts, args.max_new_tokens)
+        rows = measure_rows(model, tuning, prompts, args.max_new_tokens, decoding.chat)
         decision = "AR" if tuning.choice.tree is None else tuning.choice.tree.describe()
         speedup = tuning.choice.speedup
         print(f"\n{title}, batch {batch}: choice {decision} (best tree predicted {speedup:.2f}x AR)")
@@ -230,12 +248,12 @@ def tune(args: argparse.Namespace, batch_sizes: list[int]) -> int:
     path = save_store(
         args.adapter,
         tuner.stored(
-            load_store(args.adapter), stats, device_kind, args.dtype, choices,
-            precision=precision_of(model.config),
+            load_store(args.adapter), stats, device_kind, decoding.dtype, choices,
+            precision=precision_of(model.config), chat=decoding.chat,
         ),  # fmt: skip
     )
     with open(os.path.join(args.output_dir, "tune.json"), "w") as f:
-        json.dump({"device_kind": device_kind, "dtype": args.dtype, "results": results}, f, indent=1)
+        json.dump({"device_kind": device_kind, "dtype": decoding.dtype, "results": results}, f, indent=1)
     written = "tune.json"
     if importlib.util.find_spec("matplotlib") is not None:  # not in every accelerator image
         plot(results, title, os.path.join(args.output_dir, "tune.png"))

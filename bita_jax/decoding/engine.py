@@ -328,9 +328,9 @@ class Engine:
         queue = collections.deque(range(len(prompts)))
         holder: list[int | None] = [None] * self.slots  # prompt in each slot
         seen = [0] * self.slots  # tokens already reported per slot
-        charged = [0.0] * len(prompts)  # wall seconds charged to each prompt; they sum to the run's
+        admitted = [0.0] * len(prompts)  # when each prompt's insert began
         stats.first_token_seconds = [0.0] * len(prompts)
-        start = last = time.perf_counter()
+        start = time.perf_counter()
         while queue or any(h is not None for h in holder):
             free = [b for b, h in enumerate(holder) if h is None]
             if queue and free and (batching == "continuous" or len(free) == self.slots):
@@ -339,6 +339,7 @@ class Engine:
                 t0 = time.perf_counter()
                 for slot in free[: len(queue)]:
                     i = queue.popleft()
+                    admitted[i] = time.perf_counter()
                     args = self._insert_args([prompts[i]], [budgets[i]], [indices[i]], seed, [slot])
                     state = self._insert(state, self._params(weights), *args)
                     holder[slot], seen[slot] = i, 0
@@ -359,9 +360,8 @@ class Engine:
             stats.steps = int(steps)
             active = [b for b, h in enumerate(holder) if h is not None]
             events = []
-            for b in active:  # the wall time since the last chunk is shared by its prompts
+            for b in active:
                 i = holder[b]
-                charged[i] += (now - last) / len(active)
                 new = output[b, seen[b] : num[b]].tolist()
                 if new and seen[b] == 0:
                     stats.first_token_seconds[i] = now - start
@@ -369,7 +369,7 @@ class Engine:
                 event = Event(i, new)
                 if done[b]:
                     ids = output[b, : num[b]].tolist()
-                    event.generation = Generation(ids, int(row_steps[b]), charged[i])
+                    event.generation = Generation(ids, int(row_steps[b]), now - admitted[i])
                     stats.slot_steps += int(row_steps[b])
                     if counts:
                         event.accepted_per_level = counts[0][b].copy()
@@ -377,7 +377,6 @@ class Engine:
                     holder[b] = None
                 if new or event.generation is not None:
                     events.append(event)
-            last = now
             stats.seconds = now - start
             stats.recompiles = self.compiles - compiles
             yield events

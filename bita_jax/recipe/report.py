@@ -76,7 +76,7 @@ def replay(model: api.Model, prompt_ids: list[list[int]], outputs: list[list[int
     ranks = teacher_forced_ranks(model.config, model.params, model.adapter, examples, max_length=longest)
     M = model.bita_config.num_mask_tokens
     trees = {spec: parse_tree(spec, M) for spec in REPORT_TREES if spec != "auto"}
-    auto = model.auto_tree(1).tree
+    auto = model.auto_tree(1, chat=True).tree
     if auto is not None:
         trees["auto"] = auto
     return {**rank_summary(ranks, trees), "auto_tree": None if auto is None else auto.describe()}

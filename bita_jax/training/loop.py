@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Any, Callable
@@ -20,7 +20,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from bita_jax.bita.adapter import abstract_adapter, adapter_shapes, init_adapter, init_from_text, init_lora
+from bita_jax.bita.adapter import (
+    abstract_adapter,
+    adapter_shapes,
+    init_adapter,
+    init_at_mean_embedding,
+    init_from_text,
+    init_lora,
+)
 from bita_jax.config import TrainConfig
 from bita_jax.errors import ConfigError, Interrupted, UserError
 from bita_jax.io.adapter_files import load_adapter, save_adapter
@@ -32,6 +39,7 @@ from bita_jax.training import data, resume
 from bita_jax.training.optimizer import make_optimizer
 from bita_jax.training.step import TrainState, make_train_step, step_shardings
 
+logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -151,7 +159,7 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
                 save_adapter(adapter_dir, state.adapter, cfg.bita, cfg.model)
         return {**resume.last_metrics(metrics_path, start), "finished": True, "total_steps": total_steps}
     if start and is_main:
-        print(f"resumed from step {start} of {total_steps} ({cfg.output})", file=sys.stderr)
+        logger.info("resumed from step %d of %d (%s)", start, total_steps, cfg.output)
     if is_main:
         for path in (metrics_path, eval_path):
             resume.trim_metrics(path, start)  # steps after the checkpoint will be logged again
@@ -222,14 +230,16 @@ def run(cfg: TrainConfig, evaluate: Callable[[Any], dict[str, Any]] | None = Non
 
 
 def first_adapter(cfg: TrainConfig, model_cfg, base: Any, examples: list[data.Example]) -> Any:
-    """The adapter a run starts from: a trained one (`init_adapter`), or by `bita.init` random or
-    from the frozen model's activations on the first INIT_TEXT_TOKENS tokens of process 0's examples
-    (the same text on every host)."""
+    """The adapter a run starts from: a trained one (`init_adapter`), or by `bita.init` random,
+    random with the masks at the mean input embedding, or from the frozen model's activations on the
+    first INIT_TEXT_TOKENS tokens of process 0's examples (the same text on every host)."""
     rng = jax.random.key(cfg.seed)
     if cfg.init_adapter:
         return continued_adapter(cfg, model_cfg, rng)
     if cfg.bita.init == "random":
         return init_adapter(model_cfg, cfg.bita, rng)
+    if cfg.bita.init == "mean":
+        return init_at_mean_embedding(LlamaModel(model_cfg), base, cfg.bita, rng)
     text = np.full((INIT_TEXT_TOKENS,), -1, np.int32)
     joined = [t for e in examples for t in (*e.source, *e.target)][:INIT_TEXT_TOKENS]
     text[: len(joined)] = joined

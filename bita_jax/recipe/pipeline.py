@@ -185,9 +185,10 @@ def train_config(cfg: RecipeConfig) -> TrainConfig:
         "seed": cfg.seed,
         # 32 groups of M per sequence: half the default's mask rows, so one pass fits a small CPU.
         "data": {"path": path(cfg, "responses", "train.jsonl"), "max_groups": 32},
-        # The equal-compute comparison (docs/recipe.md): starting from the model's own activations
-        # raised held-out mask accuracy; the other options moved replayed tau by under 0.04.
-        "bita": {"init": "activations"},
+        # The equal-compute comparison (docs/recipe.md): mask-row low-rank updates raised held-out
+        # accuracy by 0.1 at every offset and upper:5 tau by 0.33; starting from the model's own
+        # activations raised offset-1 accuracy; the other options moved replayed tau by under 0.09.
+        "bita": {"init": "activations", "lora_rank": 4},
     }
     return from_dict(TrainConfig, apply_overrides(defaults, list(cfg.train_overrides)))
 

@@ -1,8 +1,8 @@
 """LLaMA in Flax Linen, pure-functional, with scanned or unrolled layers.
 
 The model never owns state: params come in, hidden states and the chunk's new keys/values come out.
-The caller supplies every mask: between the chunk's own tokens, to the committed keys/values it
-passes in (a KV cache's arrays), and which rows see an optional prefix of extra keys/values (BiTA's
+The caller supplies every mask: between the chunk's own tokens, a length per row into the committed
+keys/values it passes in (a KV cache's arrays), and which rows see an optional prefix of extra keys/values (BiTA's
 prompt tokens, never rotated). The model takes embeddings, so callers choose what each row holds
 (`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py). Rows that see
 no prefix compute exactly what the base model computes.
@@ -39,7 +39,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible):
+    def __call__(self, x, positions, layer_cache, layer_prefix, self_mask, cache_length, prefix_visible):
         """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens)."""
         c = self.config
         dt = jnp.dtype(c.compute_dtype)
@@ -56,17 +56,14 @@ class Attention(nn.Module):
         v = jnp.einsum("btd,dkh->btkh", x, wv)  # [B, T, K, H]
         q = (q * c.head_dim**-0.5).reshape(*q.shape[:2], c.num_kv_heads, G, c.head_dim)
 
-        blocks = []
-        if layer_cache is not None:
-            blocks.append((layer_cache[0], layer_cache[1], cache_mask))
-        blocks.append((k, v, self_mask))
+        cache = None if layer_cache is None else (*layer_cache, cache_length)
         prefix = None
         if layer_prefix is not None:
             # The prefix has one key/value per query head; it is never rotated.
             pk, pv = (p.astype(dt).reshape(-1, c.num_kv_heads, G, c.head_dim) for p in layer_prefix)
             prefix = (pk, pv, prefix_visible)
         with jax.named_scope("attn"):
-            out = attend(q, blocks, prefix)  # [B, T, K, G, H]
+            out = attend(q, (k, v, self_mask), cache, prefix)  # [B, T, K, G, H]
         # One contraction over N*H: with two contracting dims XLA:CPU transposes wo every step.
         out = out.reshape(*out.shape[:2], c.num_heads * c.head_dim)
         return jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size)), (k, v)
@@ -96,7 +93,7 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, layer_prefix, positions, self_mask, cache_mask, prefix_visible):
+    def __call__(self, x, layer_cache, layer_prefix, positions, self_mask, cache_length, prefix_visible):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype, name=name)  # noqa: E731
         attn_out, new_kv = Attention(c, name="self_attn")(
@@ -105,7 +102,7 @@ class Block(nn.Module):
             layer_cache,
             layer_prefix,
             self_mask,
-            cache_mask,
+            cache_length,
             prefix_visible,
         )
         x = x + attn_out
@@ -155,7 +152,7 @@ class LlamaModel(nn.Module):
         positions: jax.Array,
         self_mask: jax.Array,
         cache_kv: KeysValues | None = None,
-        cache_mask: jax.Array | None = None,
+        cache_length: jax.Array | None = None,
         prefix: KeysValues | None = None,
         prefix_visible: jax.Array | None = None,
     ) -> tuple[jax.Array, KeysValues]:
@@ -166,7 +163,8 @@ class LlamaModel(nn.Module):
           positions: [B, T] int32 rotary positions.
           self_mask: [B, T, T] bool, which of this chunk's rows each row sees.
           cache_kv: committed keys/values (k, v) [L, B, S, K, H], rotated, from earlier chunks.
-          cache_mask: [B, T, S] bool, which committed slots each row sees (required with cache_kv).
+          cache_length: [B, T] int32, row t sees committed slots s < cache_length[b, t] (required
+            with cache_kv).
           prefix: extra keys/values (k, v) [L, P, N, H], one per query head, never rotated.
           prefix_visible: [B, T] bool, rows that attend to the prefix (required with prefix).
 
@@ -174,10 +172,10 @@ class LlamaModel(nn.Module):
           hidden [B, T, D] after the final norm, and (k, v) [L, B, T, K, H] of this chunk, for
           the caller to commit to its cache.
         """
-        if (cache_kv is None) != (cache_mask is None) or (prefix is None) != (prefix_visible is None):
-            raise ValueError("cache_kv needs cache_mask and prefix needs prefix_visible")
+        if (cache_kv is None) != (cache_length is None) or (prefix is None) != (prefix_visible is None):
+            raise ValueError("cache_kv needs cache_length and prefix needs prefix_visible")
         x = nn.with_logical_constraint(embeds.astype(self.config.compute_dtype), ("batch", "seq", "embed"))
-        broadcast = (positions, self_mask, cache_mask, prefix_visible)
+        broadcast = (positions, self_mask, cache_length, prefix_visible)
         if self.config.scan_layers:
             x, new_kv = self.layers(x, cache_kv, prefix, *broadcast)
         else:

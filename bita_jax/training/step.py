@@ -137,10 +137,10 @@ def mask_row_forward(
     rows, valid = mask_rows(batch["group"], num_rows)
     take = lambda x: jnp.take_along_axis(x, rows, axis=1)  # noqa: E731  [B, T] -> [B, R]
     group, positions, visible_end = take(batch["group"]), take(batch["positions"]), take(batch["visible_end"])
-    cache_mask, self_mask = mask_row_visibility(group, visible_end, positions, normal_len)
+    cache_length, self_mask = mask_row_visibility(group, visible_end, positions)
     hidden, _ = bita_adapter.forward(
         model, base, adapter, take(batch["tokens"]), positions, self_mask, group != NORMAL,
-        cache_kv=cache_kv, cache_mask=cache_mask,
+        cache_kv=cache_kv, cache_length=cache_length,
     )  # fmt: skip
     labels = take(batch["labels"])
     # Padding rows' positions may lie past the normal part: clipped, and never counted.

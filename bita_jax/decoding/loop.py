@@ -294,7 +294,16 @@ def make_bita_generate(
     return jax.jit(generate)
 
 
+def bita_step(
+    model: LlamaModel, tree: DraftTree, policy: Sampler, params, adapter, cache: KVCache, pending, drafts, streams
+):
+    """One tree step that commits its accepted rows: returns the TreeStepResult and the cache."""
+    result = tree_step(model, tree, policy, params, adapter, cache, pending, drafts, streams)
+    return result, cache.commit(result.commit_k, result.commit_v, result.accepted + 1)
+
+
 def make_bita_step(config: ModelConfig, tree: DraftTree, policy: Sampler = GREEDY) -> Callable:
-    """Jitted tree step `(params, adapter, cache, pending, drafts, streams) -> TreeStepResult`."""
+    """Jitted tree step `(params, adapter, cache, pending, drafts, streams) -> (TreeStepResult, cache)`
+    with the cache donated: the accepted rows are written in place, as `make_ar_step` writes its row."""
     model = LlamaModel(config)
-    return jax.jit(functools.partial(tree_step, model, tree, policy))
+    return jax.jit(functools.partial(bita_step, model, tree, policy), donate_argnums=(2,))

@@ -30,7 +30,7 @@ from bita_jax.decoding.cache import KVCache  # noqa: E402
 from bita_jax.decoding.loop import SCAN_LAYERS, make_ar_step, make_bita_step  # noqa: E402
 from bita_jax.decoding.tree_step import placeholder_drafts  # noqa: E402
 from bita_jax.models.llama import init_params  # noqa: E402
-from bita_jax.aot import LLAMA2_7B  # noqa: E402
+from bita_jax.cli.aot import LLAMA2_7B  # noqa: E402
 
 SHAPES = {
     # ~50M params: big enough that matmuls, not dispatch, dominate on a CPU.

@@ -101,6 +101,17 @@ def test_split_attention_equals_one_softmax():
     ours = attend(q, own, cache, prefix)
     expected = single_softmax_attention(q, own, (ck, cv, length), (pk, pv, visible))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    # Gradients (training differentiates through the queries and the prefix) agree as well.
+    weights = f(B, T, K, G, H)
+
+    def grads(fn, cache, visible):
+        loss = lambda q, pk, pv: (fn(q, own, cache, (pk, pv, visible)) * weights).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, pk, pv)
+
+    reference = grads(single_softmax_attention, (ck, cv, length), visible)
+    for g_ours, g_ref in zip(grads(attend, cache, prefix[2]), reference, strict=True):
+        # float32: entries equal to 1e-5 of the tensor's largest gradient.
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
     # Without a cache or prefix (prefill), the own block alone is a plain masked softmax.
     causal = jnp.asarray(np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T)))
     probs = jax.nn.softmax(jnp.where(causal[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q, k), MASKED_SCORE))

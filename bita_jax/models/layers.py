@@ -100,6 +100,10 @@ def attend(
     concatenated keys within float rounding. The cache part needs only a length per row: its
     mask is an iota compare fused into the scores, never a [B, T, S] tensor, and no [.., S + T + P]
     score tensor is concatenated. The own block's mask (causal, the draft tree) covers only T x T.
+    (`jax.nn.dot_product_attention(..., key_value_seq_lengths=..., return_residual=True)` is the
+    same computation off GPU, but it rounds its log-sum-exp and its normalised output to the input
+    dtype, which in bfloat16 would make the merge inexact; on TPU a splash/ragged kernel can take
+    the cache part's place, returning the same three statistics.)
 
     Args:
       q: [B, T, K, G, H] queries, already scaled and rotated.

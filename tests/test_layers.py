@@ -97,7 +97,8 @@ def test_split_attention_equals_one_softmax():
     mask = rng.random((B, T, T)) < 0.5
     visible = rng.random((B, T)) < 0.5
     length[2, 3], mask[2, 3], visible[2, 3] = 0, False, False
-    cache, own, prefix = (ck, cv, jnp.asarray(length)), (k, v, jnp.asarray(mask)), (pk, pv, jnp.asarray(visible))
+    cache = (ck, cv, jnp.asarray(length))
+    own, prefix = (k, v, jnp.asarray(mask)), (pk, pv, jnp.asarray(visible))
     ours = attend(q, own, cache, prefix)
     expected = single_softmax_attention(q, own, (ck, cv, length), (pk, pv, visible))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -114,7 +115,8 @@ def test_split_attention_equals_one_softmax():
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
     # Without a cache or prefix (prefill), the own block alone is a plain masked softmax.
     causal = jnp.asarray(np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, T, T)))
-    probs = jax.nn.softmax(jnp.where(causal[:, None, None], jnp.einsum("btkgh,bskh->bkgts", q, k), MASKED_SCORE))
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k)
+    probs = jax.nn.softmax(jnp.where(causal[:, None, None], scores, MASKED_SCORE))
     np.testing.assert_allclose(
         np.asarray(attend(q, (k, v, causal))),
         np.asarray(jnp.einsum("bkgts,bskh->btkgh", probs, v)),

@@ -2,10 +2,10 @@
 
 The model never owns state: params come in, hidden states and the chunk's new keys/values come out.
 The caller supplies every mask: between the chunk's own tokens, a length per row into the committed
-keys/values it passes in (a KV cache's arrays), and which rows see an optional prefix of extra keys/values (BiTA's
-prompt tokens, never rotated). The model takes embeddings, so callers choose what each row holds
-(`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py). Rows that see
-no prefix compute exactly what the base model computes.
+keys/values it passes in (a KV cache's arrays), and which rows see an optional prefix of extra
+keys/values (BiTA's prompt tokens, never rotated). The model takes embeddings, so callers choose what
+each row holds (`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py).
+Rows that see no prefix compute exactly what the base model computes.
 """
 
 from __future__ import annotations

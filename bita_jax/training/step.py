@@ -59,7 +59,7 @@ def normal_pass(model: LlamaModel, base: Any, tokens: jax.Array, normal_len: int
 
     A prefill, as decoding's: normal rows never see the adapter, so these are constants of the
     loss (no gradient, no saved activations). Slots past a sequence's normal part hold its masks or
-    padding as plain tokens; the mask rows' cache mask never shows them. The hidden states give the
+    padding as plain tokens; the mask rows' cache lengths never reach them. The hidden states give the
     teacher's next-token distributions (`teacher_hidden`); XLA drops them when no loss reads them.
 
     Args:

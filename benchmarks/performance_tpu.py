@@ -1,7 +1,7 @@
 """Tables for docs/performance-tpu.md from `python -m bita_jax.aot --json` outputs (before/after a change).
 
   python benchmarks/performance_tpu.py --runs after=a.jsonl,before=b.jsonl \
-      [--json benchmarks/performance_tpu.json]
+      [--json benchmarks/performance_tpu.json --machine "..." --command "..."]
 
 Per run, cache length and batch: every compiled step's per-chip memory, bytes accessed and flops,
 the tree step's bytes over the AR step's, and the roofline projection (`bita_jax.cli.aot.projection`:
@@ -15,12 +15,26 @@ import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bita_jax.cli.aot import BANDWIDTH_EFFICIENCY, FLOPS_EFFICIENCY, projection  # noqa: E402
 
 GIB = 2**30
+
+
+def versions() -> str:
+    """jax's and libtpu's versions where installed, without importing jax."""
+    from importlib import metadata
+
+    found = []
+    for name in ("jax", "libtpu"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
 
 
 def load(path: str) -> list[dict]:
@@ -59,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", required=True, help="name=file.jsonl,... (aot --json outputs)")
     parser.add_argument("--json", help="write all records here, each with its run name")
+    parser.add_argument("--machine", default="", help="the host that compiled, for the JSON")
+    parser.add_argument("--command", default="", help="the aot command line, for the JSON")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {}
     for item in args.runs.split(","):
@@ -68,8 +84,11 @@ def main() -> None:
           f"{FLOPS_EFFICIENCY:.0%} of peak.\n")
     print(table(runs))
     if args.json:
+        records = [{"run": name, **r} for name, records in runs.items() for r in records]
+        written = {"machine": args.machine, "command": args.command, "date": time.strftime("%Y-%m-%d"),
+                   "versions": versions(), "records": records}  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump([{"run": name, **r} for name, records in runs.items() for r in records], f, indent=1)
+            json.dump(written, f, indent=1)
 
 
 if __name__ == "__main__":

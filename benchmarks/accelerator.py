@@ -42,11 +42,9 @@ from bita_jax.decoding.sampling import streams_for  # noqa: E402
 from bita_jax.decoding.tree_step import placeholder_drafts  # noqa: E402
 from bita_jax.models.llama import init_params  # noqa: E402
 from bita_jax.tuning import step_cost  # noqa: E402
-from scripts.aot_train_memory import LLAMA2_7B  # noqa: E402
+from bita_jax.cli.aot import LLAMA2_7B, LLAMA2_13B  # noqa: E402
 
 NEW_TOKENS = 128  # the cache holds --context prompt tokens and room for this many new ones
-LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
-              "num_hidden_layers": 40, "num_key_value_heads": 40}  # fmt: skip
 TINY = {**LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_hidden_layers": 2, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
 FULL = {"shapes": {"llama2-7b": LLAMA2_7B, "llama2-13b": LLAMA2_13B}, "dtype": "bfloat16",

@@ -30,7 +30,7 @@ from bita_jax.decoding.cache import KVCache  # noqa: E402
 from bita_jax.decoding.loop import SCAN_LAYERS, make_ar_step, make_bita_step  # noqa: E402
 from bita_jax.decoding.tree_step import placeholder_drafts  # noqa: E402
 from bita_jax.models.llama import init_params  # noqa: E402
-from scripts.aot_train_memory import LLAMA2_7B  # noqa: E402
+from bita_jax.cli.aot import LLAMA2_7B  # noqa: E402
 
 SHAPES = {
     # ~50M params: big enough that matmuls, not dispatch, dominate on a CPU.
@@ -72,8 +72,8 @@ def time_steps(config, params, adapter, batch: int, context: int, iters: int) ->
         step = make_bita_step(config, tree)
         drafts = placeholder_drafts(tree, batch, config.vocab_size)
         args = (params, adapter, at_context(KVCache.init(config, batch, max_len)), pending, drafts, streams)
-        # The step returns the rows to commit and leaves the cache as is: every call sees the same one.
-        times[spec] = median_seconds(step, args, lambda o, a: a, iters)
+        # The step commits in place (the cache is donated); each call gets the returned cache.
+        times[spec] = median_seconds(step, args, lambda o, a: (*a[:2], at_context(o[1]), *a[3:]), iters)
     return times
 
 

@@ -3,10 +3,10 @@
   python scripts/aot_train_memory.py [--devices 16] [--seq 2304] [--per-device-batch 1] [--case N]
                                     [--no-hoist]
 
-The LLaMA-2 configs below are the published config.json contents of meta-llama/Llama-2-{7b,70b}-chat-hf
-(test fixtures, so no checkpoint is needed). Every input is an abstract `jax.ShapeDtypeStruct` carrying
-its sharding; the step is lowered and compiled exactly as training compiles it, and the compiler's
-memory analysis is printed per device.
+The LLaMA-2 shapes are bita_jax.cli.aot's presets (published config.json contents, no checkpoint
+needed). Every input is an abstract `jax.ShapeDtypeStruct` carrying its sharding; the step is
+lowered and compiled exactly as training compiles it, and the compiler's memory analysis is printed
+per device.
 
 XLA:CPU has no bfloat16 matmuls: it converts bf16 operands to float32, and its loop-invariant code
 motion then hoists the conversion of the whole (sharded) stacked layer weights and the saved layer
@@ -21,30 +21,10 @@ import os
 import sys
 import time
 
-LLAMA2_7B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 32,
-    "rms_norm_eps": 1e-05,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "rope_theta": 10000.0,
-}
-LLAMA2_70B = {
-    **LLAMA2_7B,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_attention_heads": 64,
-    "num_hidden_layers": 80,
-    "num_key_value_heads": 8,
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bita_jax.cli.aot import LLAMA2_7B, LLAMA2_70B  # noqa: E402
+
 # (name, hf config, M, mesh) — the meshes of configs/llama2_{7b,70b}_chat.yaml on one 8-device host,
 # and a 16-chip pod slice with tensor parallelism for 70B.
 CASES = (
@@ -69,7 +49,6 @@ def main() -> None:
         flags.append("--xla_disable_hlo_passes=while-loop-invariant-code-motion")
     os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import flax.linen as nn
     import jax

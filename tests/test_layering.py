@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bita_jax.tuning",),
     ("bita_jax.demo",),
     ("bita_jax.api", "bita_jax"),  # the package's __init__ is the API's front door
-    ("bita_jax.cli", "bita_jax.tune"),  # bita_jax/tune.py: `python -m bita_jax.tune`
+    # bita_jax/tune.py and bita_jax/aot.py: the shells of `python -m bita_jax.tune` and `-m bita_jax.aot`
+    ("bita_jax.cli", "bita_jax.tune", "bita_jax.aot"),
     ("bita_jax.recipe",),
 ]
 

@@ -44,12 +44,10 @@ def test_mask_row_visibility_is_the_mask_rows_block(tiny_checkpoint):
     full = np.asarray(training_mask.attention_mask(b["group"], b["visible_end"], b["positions"]))
     rows, valid = (np.asarray(x) for x in train_step.mask_rows(jnp.asarray(b["group"]), R))
     take = lambda x: np.take_along_axis(x, rows, axis=1)  # noqa: E731
-    cache_mask, self_mask = (
-        np.asarray(m)
-        for m in training_mask.mask_row_visibility(
-            take(b["group"]), take(b["visible_end"]), take(b["positions"]), T - R
-        )
-    )
+    group, visible_end, positions = take(b["group"]), take(b["visible_end"]), take(b["positions"])
+    visibility = training_mask.mask_row_visibility(group, visible_end, positions)
+    cache_length, self_mask = (np.asarray(m) for m in visibility)  # [B, R], [B, R, R]
+    cache_mask = np.arange(T - R)[None, None, :] < cache_length[:, :, None]  # [B, R, T - R]
     assert valid.sum() == (b["group"] >= 0).sum() > 0 and not valid.all()
     for i in range(len(rows)):
         v = rows[i][valid[i]]

@@ -242,8 +242,7 @@ def test_step_compiles_once(model):
     cache, pending, streams = prefilled(config, params, PROMPTS)
     drafts = placeholder_drafts(tree, len(PROMPTS), config.vocab_size)
     for seed in range(3):
-        out = step(params, adapter(config, seed), cache, pending, drafts, streams)
-        cache = cache.commit(out.commit_k, out.commit_v, out.accepted + 1)
+        out, cache = step(params, adapter(config, seed), cache, pending, drafts, streams)
         pending, drafts = out.bonus, out.drafts
     assert step._cache_size() == 1
 

@@ -179,7 +179,7 @@ def forward(
     Args:
       tokens: [B, T] ids, mask ids V + k included; positions [B, T]; self_mask [B, T, T].
       prefix_visible: [B, T] bool, the rows that see the prompt prefix (mask rows).
-      cache: optional `cache_kv` and `cache_mask` as in `LlamaModel.__call__`.
+      cache: optional `cache_kv` and `cache_length` as in `LlamaModel.__call__`.
 
     Returns:
       hidden [B, T, D] and the chunk's keys/values [L, B, T, K, H].

@@ -82,17 +82,16 @@ def attention_mask(group: jax.Array, visible_end: jax.Array, positions: jax.Arra
 
 
 def mask_row_visibility(
-    group: jax.Array, visible_end: jax.Array, positions: jax.Array, normal_len: int
+    group: jax.Array, visible_end: jax.Array, positions: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """The mask rows' part of `attention_mask`, split into the prefill block and their own block.
 
     Args:
       group, visible_end, positions: [B, R] metadata of the mask rows (padding rows: group NORMAL).
-      normal_len: S, slots of the normal tokens' keys/values; every visible_end <= S.
 
     Returns:
-      (cache_mask [B, R, S]: normal key s < visible_end, self_mask [B, R, R]: own group, position
-      <= own). Padding rows see no mask row and no mask row sees them.
+      (cache_length [B, R]: the row sees the normal tokens' key slots s < cache_length, i.e.
+      visible_end; self_mask [B, R, R]: own group, position <= own). Padding rows see no mask row
+      and no mask row sees them.
     """
-    cache_mask = jnp.arange(normal_len)[None, None, :] < visible_end[:, :, None]
-    return cache_mask, _own_group_earlier(group, positions, group, positions)
+    return visible_end.astype(jnp.int32), _own_group_earlier(group, positions, group, positions)

@@ -42,11 +42,10 @@ class KVCache:
         return self.k.shape[2]
 
     def model_inputs(self, num_rows: int) -> dict[str, jax.Array]:
-        """The model's `cache_kv` and `cache_mask` [B, T, S] for a chunk of T = num_rows rows:
+        """The model's `cache_kv` and `cache_length` [B, T] for a chunk of T = num_rows rows:
         every row sees its sequence's committed slots."""
-        visible = jnp.arange(self.max_len)[None, :] < self.length[:, None]  # [B, S]
-        mask = jnp.broadcast_to(visible[:, None, :], (self.length.shape[0], num_rows, self.max_len))
-        return {"cache_kv": (self.k, self.v), "cache_mask": mask}
+        length = jnp.broadcast_to(self.length[:, None], (self.length.shape[0], num_rows))
+        return {"cache_kv": (self.k, self.v), "cache_length": length}
 
     def commit(self, new_k: jax.Array, new_v: jax.Array, count: jax.Array) -> "KVCache":
         """Commits the first count[b] of R new rows [L, B, R, K, H] after each row b's length.

@@ -21,7 +21,7 @@ from bita_jax.config import ModelConfig
 from bita_jax.decoding import lookup
 from bita_jax.decoding.cache import KVCache
 from bita_jax.decoding.sampling import GREEDY, Sampler
-from bita_jax.decoding.tree_step import placeholder_drafts, tree_step
+from bita_jax.decoding.tree_step import TreeStepResult, placeholder_drafts, tree_step
 from bita_jax.models.llama import LlamaModel, causal_mask, forward
 
 # Decoding runs the layers unrolled (see models/llama.py): each layer's weights are read in place.
@@ -294,7 +294,31 @@ def make_bita_generate(
     return jax.jit(generate)
 
 
+def bita_step(
+    model: LlamaModel,
+    tree: DraftTree,
+    policy: Sampler,
+    params,
+    adapter,
+    cache: KVCache,
+    pending: jax.Array,
+    drafts: jax.Array,
+    streams: jax.Array,
+) -> tuple[TreeStepResult, KVCache]:
+    """One tree step that commits its accepted rows.
+
+    Args: as `tree_step` (pending [B], drafts [B, Dm, R], streams [B, 2]).
+
+    Returns:
+      The TreeStepResult and the cache with each row b's accepted[b] + 1 new keys/values committed.
+    """
+    result = tree_step(model, tree, policy, params, adapter, cache, pending, drafts, streams)
+    return result, cache.commit(result.commit_k, result.commit_v, result.accepted + 1)
+
+
 def make_bita_step(config: ModelConfig, tree: DraftTree, policy: Sampler = GREEDY) -> Callable:
-    """Jitted tree step `(params, adapter, cache, pending, drafts, streams) -> TreeStepResult`."""
+    """Jitted `bita_step`: `(params, adapter, cache, pending, drafts, streams) -> (TreeStepResult,
+    cache)` with the cache donated, so the accepted rows are written in place, as `make_ar_step`
+    writes its row."""
     model = LlamaModel(config)
-    return jax.jit(functools.partial(tree_step, model, tree, policy))
+    return jax.jit(functools.partial(bita_step, model, tree, policy), donate_argnums=(2,))

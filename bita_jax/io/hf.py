@@ -1,8 +1,9 @@
 """Hugging Face checkpoint I/O: config.json, safetensors weights (single or sharded), tokenizer.
 
 One name-mapping table (`PARAM_MAP`) converts between HF torch names/layouts and the bita_jax param
-tree. Weights are read tensor by tensor from memory-mapped files and cast straight to the target
-dtype, so the host never holds a float32 copy of the whole model.
+tree. Weights are read block by block from memory-mapped files (each device's block of each
+tensor, so a process reads only what its devices hold) and cast straight to the target dtype, so
+the host never holds a float32 copy of the whole model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import math
 import os
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -153,16 +154,24 @@ class _TensorReader:
         return self.files[path].get(name)
 
 
-def _to_ours(hf: np.ndarray, in_dims: int | None, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """One HF tensor -> our layout and dtype (a single copy, in the target dtype)."""
+def _read_block(
+    hf: np.ndarray, in_dims: int | None, shape: tuple[int, ...], index: tuple[slice, ...], dtype: np.dtype
+) -> np.ndarray:
+    """The block [index] of our array of `shape`, from one memory-mapped HF tensor, in `dtype`.
+
+    The HF tensor is viewed in our axis order without reading it (a reshape and a transpose of the
+    mapping), so only the block's bytes are read from the file.
+    """
     expected = shape if in_dims is None else (math.prod(shape[in_dims:]), math.prod(shape[:in_dims]))
     if tuple(hf.shape) != expected:
         raise ConfigError(
             f"checkpoint tensor of shape {tuple(hf.shape)} does not match config (expected {expected})"
         )
-    if in_dims is not None:
-        hf = hf.T.reshape(shape)
-    return np.ascontiguousarray(hf.astype(dtype))
+    if in_dims is not None:  # torch [out, in] -> [out..., in...] -> ours [in..., out...]
+        outs = len(shape) - in_dims
+        hf = hf.reshape(*shape[in_dims:], *shape[:in_dims])
+        hf = hf.transpose(*range(outs, len(shape)), *range(outs))
+    return np.ascontiguousarray(hf[index].astype(dtype))
 
 
 def _to_hf(ours: np.ndarray, in_dims: int | None) -> np.ndarray:
@@ -201,14 +210,38 @@ def _entries(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, int | 
             yield path, hf_name, in_dims
 
 
+def _block_reader(
+    reader: _TensorReader, hf_name: str, in_dims: int | None, shape: tuple[int, ...], dtype: np.dtype
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """`index -> block` of one param for `jax.make_array_from_callback`; per-layer names ("{i}")
+    fill a stacked [L, ...] array. Devices holding the same block share one read."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+        if key not in blocks:
+            if "{i}" in hf_name:
+                layers = range(shape[0])[index[0]]
+                read = lambda i: _read_block(  # noqa: E731  layer i's block [...]
+                    reader.get(hf_name.format(i=i)), in_dims, shape[1:], index[1:], dtype
+                )
+                blocks[key] = np.stack([read(i) for i in layers])  # [layers in index[0], ...]
+            else:
+                blocks[key] = _read_block(reader.get(hf_name), in_dims, shape, index, dtype)
+        return blocks[key]
+
+    return block
+
+
 def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> dict:
     """Loads HF safetensors weights (single or sharded, bf16/f16/f32) into the bita_jax param tree.
 
     Args:
       model_dir: checkpoint directory with `model.safetensors` or `model.safetensors.index.json`.
       config: the model config (its `dtype` is the dtype of the returned arrays).
-      shardings: optional tree of `NamedSharding`s shaped like the params; each array is placed
-        straight into its sharding. Default: the default device.
+      shardings: optional tree of `NamedSharding`s shaped like the params; each array is built
+        from the blocks its devices hold, so on a pod each process reads only its devices' slices
+        of the files. Default: the first local device.
 
     Returns:
       The param tree (see `bita_jax.llama`): per-layer tensors stacked on a leading L axis, or
@@ -217,17 +250,14 @@ def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> d
     shapes = nn.unbox(abstract_params(config))
     dtype = np.dtype(ml_dtypes.bfloat16) if config.dtype == "bfloat16" else np.dtype(config.dtype)
     reader = _TensorReader(model_dir)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params: dict = {}
     for path, hf_name, in_dims in _entries(config):
         shape = tuple(_get_path(shapes, path).shape)
-        if "{i}" in hf_name:
-            value = np.empty(shape, dtype)  # [L, ...], filled layer by layer
-            for i in range(config.num_layers):
-                value[i] = _to_ours(reader.get(hf_name.format(i=i)), in_dims, shape[1:], dtype)
-        else:
-            value = _to_ours(reader.get(hf_name), in_dims, shape, dtype)
-        sharding = _get_path(shardings, path) if shardings is not None else None
-        _set_path(params, path, jax.device_put(value, sharding))
+        sharding = _get_path(shardings, path) if shardings is not None else default
+        # Each process reads only the blocks its own devices hold.
+        block = _block_reader(reader, hf_name, in_dims, shape, dtype)
+        _set_path(params, path, jax.make_array_from_callback(shape, sharding, block))
     _check_finite(params, model_dir)
     return params
 

@@ -1,4 +1,4 @@
-"""Pure building blocks of the LLaMA model: RMSNorm, rotary embeddings, masked attention.
+"""Pure building blocks of the LLaMA model: RMSNorm, rotary embeddings, split masked attention.
 
 Dimension letters (used in every einsum and shape comment of the package):
   B batch, T query length, S key/cache length, D model width, F MLP width, N query heads,
@@ -8,6 +8,7 @@ Dimension letters (used in every einsum and shape comment of the package):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -71,44 +72,77 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def _masked_exp(scores: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One part's softmax statistics: scores [B, K, G, T, S] float32, visible broadcastable to them.
+
+    Returns (max m [B, K, G, T, 1], exp(scores - m) [B, K, G, T, S], their sum [B, K, G, T, 1]).
+    A row that sees no key of the part gets m = MASKED_SCORE, so the merge weighs the part 0 as
+    soon as any other part has a visible key. The max only shifts the exponent (the merged result
+    does not depend on it), so no gradient flows through it.
+    """
+    scores = jnp.where(visible, scores, MASKED_SCORE)
+    m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    e = jnp.exp(scores - m)
+    return m, e, jnp.sum(e, axis=-1, keepdims=True)
+
+
 def attend(
     q: jax.Array,
-    blocks: list[tuple[jax.Array, jax.Array, jax.Array]],
+    own: tuple[jax.Array, jax.Array, jax.Array],
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """Grouped-query attention over several key/value blocks with one joint softmax.
+    """Grouped-query attention over the cache, the step's own rows and the BiTA prefix, one softmax.
 
-    Keeping blocks apart (the cache, the step's own tokens, the BiTA prefix) means the cache is
-    never copied into a concatenated key tensor.
+    The three parts are attended to separately and merged by log-sum-exp (each part's max m_i,
+    sum of exponentials l_i and unnormalised output o_i; out = sum_i e^(m_i - m) o_i /
+    sum_i e^(m_i - m) l_i with m the largest m_i), which equals one softmax over the
+    concatenated keys within float rounding. The cache part needs only a length per row: its
+    mask is an iota compare fused into the scores, never a [B, T, S] tensor, and no [.., S + T + P]
+    score tensor is concatenated. The own block's mask (causal, the draft tree) covers only T x T.
+    (`jax.nn.dot_product_attention(..., key_value_seq_lengths=..., return_residual=True)` is the
+    same computation off GPU, but it rounds its log-sum-exp and its normalised output to the input
+    dtype, which in bfloat16 would make the merge inexact; on TPU a splash/ragged kernel can take
+    the cache part's place, returning the same three statistics.)
 
     Args:
       q: [B, T, K, G, H] queries, already scaled and rotated.
-      blocks: sequence (k, v, mask) triples: k, v [B, S_i, K, H] and mask [B, T, S_i] bool.
+      own: this chunk's (k, v, mask): k, v [B, T, K, H], mask [B, T, T] bool.
+      cache: optional committed (k, v, length): k, v [B, S, K, H]; row t of sequence b sees
+        slots s < length[b, t], length [B, T] int32.
       prefix: optional BiTA prefix (k, v, visible): k, v [P, K, G, H], one per query head and
         never rotated; visible [B, T] bool says which query rows may see it.
 
     Returns:
       [B, T, K, G, H] attention output in q's dtype.
     """
-    scores = []
-    for k, _, mask in blocks:
-        s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(mask[:, None, None], s, MASKED_SCORE))
+
+    def scores(spec, k):
+        return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+    def values(spec, e, v):
+        return jnp.einsum(spec, e.astype(q.dtype), v, preferred_element_type=jnp.float32)
+
+    k, v, mask = own
+    m, e, total = _masked_exp(scores("btkgh,bskh->bkgts", k), mask[:, None, None])
+    parts = [(m, total, values("bkgts,bskh->btkgh", e, v))]
+    if cache is not None:
+        k, v, length = cache
+        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+        visible = slots < length[:, None, None, :, None]  # [B, 1, 1, T, S]
+        m, e, total = _masked_exp(scores("btkgh,bskh->bkgts", k), visible)
+        parts.append((m, total, values("bkgts,bskh->btkgh", e, v)))
     if prefix is not None:
-        pk, _, visible = prefix
-        s = jnp.einsum("btkgh,pkgh->bkgtp", q, pk, preferred_element_type=jnp.float32)
-        scores.append(jnp.where(visible[:, None, None, :, None], s, MASKED_SCORE))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
-    out = jnp.zeros(q.shape, jnp.float32)
-    start = 0
-    for k, v, _ in blocks:
-        p = probs[..., start : start + k.shape[1]]
-        out += jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-        start += k.shape[1]
-    if prefix is not None:
-        p = probs[..., start:]
-        out += jnp.einsum("bkgtp,pkgh->btkgh", p, prefix[1], preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
+        k, v, visible = prefix
+        m, e, total = _masked_exp(scores("btkgh,pkgh->bkgtp", k), visible[:, None, None, :, None])
+        parts.append((m, total, values("bkgtp,pkgh->btkgh", e, v)))
+    top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
+    out, denominator = 0.0, 0.0
+    for m, total, o in parts:
+        w = jnp.exp(m - top)  # [B, K, G, T, 1]
+        out += jnp.einsum("bkgt,btkgh->btkgh", w[..., 0], o)
+        denominator += w * total
+    return (out / jnp.einsum("bkgt->btkg", denominator[..., 0])[..., None]).astype(q.dtype)
 
 
 def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array) -> jax.Array:

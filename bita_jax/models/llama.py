@@ -1,11 +1,11 @@
 """LLaMA in Flax Linen, pure-functional, with scanned or unrolled layers.
 
 The model never owns state: params come in, hidden states and the chunk's new keys/values come out.
-The caller supplies every mask: between the chunk's own tokens, to the committed keys/values it
-passes in (a KV cache's arrays), and which rows see an optional prefix of extra keys/values (BiTA's
-prompt tokens, never rotated). The model takes embeddings, so callers choose what each row holds
-(`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py). Rows that see
-no prefix compute exactly what the base model computes.
+The caller supplies every mask: between the chunk's own tokens, a length per row into the committed
+keys/values it passes in (a KV cache's arrays), and which rows see an optional prefix of extra
+keys/values (BiTA's prompt tokens, never rotated). The model takes embeddings, so callers choose what
+each row holds (`embed` looks up token ids; BiTA swaps in its mask embeddings, see bita/adapter.py).
+Rows that see no prefix compute exactly what the base model computes.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, positions, layer_cache, layer_prefix, self_mask, cache_mask, prefix_visible, layer_lora=None
+        self, x, positions, layer_cache, layer_prefix, self_mask, cache_length, prefix_visible, layer_lora=None
     ):
         """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens).
 
@@ -75,17 +75,14 @@ class Attention(nn.Module):
         v = linear(wv, "v_proj")  # [B, T, K, H]
         q = (q * c.head_dim**-0.5).reshape(*q.shape[:2], c.num_kv_heads, G, c.head_dim)
 
-        blocks = []
-        if layer_cache is not None:
-            blocks.append((layer_cache[0], layer_cache[1], cache_mask))
-        blocks.append((k, v, self_mask))
+        cache = None if layer_cache is None else (*layer_cache, cache_length)
         prefix = None
         if layer_prefix is not None:
             # The prefix has one key/value per query head; it is never rotated.
             pk, pv = (p.astype(dt).reshape(-1, c.num_kv_heads, G, c.head_dim) for p in layer_prefix)
             prefix = (pk, pv, prefix_visible)
         with jax.named_scope("attn"):
-            out = attend(q, blocks, prefix)  # [B, T, K, G, H]
+            out = attend(q, (k, v, self_mask), cache, prefix)  # [B, T, K, G, H]
         # One contraction over N*H: with two contracting dims XLA:CPU transposes wo every step.
         out = out.reshape(*out.shape[:2], c.num_heads * c.head_dim)
         y = jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size))
@@ -117,7 +114,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, layer_cache, layer_prefix, layer_lora, positions, self_mask, cache_mask, prefix_visible
+        self, x, layer_cache, layer_prefix, layer_lora, positions, self_mask, cache_length, prefix_visible
     ):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype, name=name)  # noqa: E731
@@ -127,7 +124,7 @@ class Block(nn.Module):
             layer_cache,
             layer_prefix,
             self_mask,
-            cache_mask,
+            cache_length,
             prefix_visible,
             layer_lora,
         )
@@ -178,7 +175,7 @@ class LlamaModel(nn.Module):
         positions: jax.Array,
         self_mask: jax.Array,
         cache_kv: KeysValues | None = None,
-        cache_mask: jax.Array | None = None,
+        cache_length: jax.Array | None = None,
         prefix: KeysValues | None = None,
         prefix_visible: jax.Array | None = None,
         mask_lora: LowRank | None = None,
@@ -190,7 +187,8 @@ class LlamaModel(nn.Module):
           positions: [B, T] int32 rotary positions.
           self_mask: [B, T, T] bool, which of this chunk's rows each row sees.
           cache_kv: committed keys/values (k, v) [L, B, S, K, H], rotated, from earlier chunks.
-          cache_mask: [B, T, S] bool, which committed slots each row sees (required with cache_kv).
+          cache_length: [B, T] int32, row t sees committed slots s < cache_length[b, t] (required
+            with cache_kv).
           prefix: extra keys/values (k, v) [L, P, N, H], one per query head, never rotated.
           prefix_visible: [B, T] bool, rows that attend to the prefix (required with prefix).
           mask_lora: optional low-rank updates of the linear maps, applied on prefix_visible rows only.
@@ -199,12 +197,12 @@ class LlamaModel(nn.Module):
           hidden [B, T, D] after the final norm, and (k, v) [L, B, T, K, H] of this chunk, for
           the caller to commit to its cache.
         """
-        if (cache_kv is None) != (cache_mask is None) or (prefix is None) != (prefix_visible is None):
-            raise ValueError("cache_kv needs cache_mask and prefix needs prefix_visible")
+        if (cache_kv is None) != (cache_length is None) or (prefix is None) != (prefix_visible is None):
+            raise ValueError("cache_kv needs cache_length and prefix needs prefix_visible")
         if mask_lora is not None and prefix_visible is None:
             raise ValueError("mask_lora needs prefix_visible (the rows it applies to)")
         x = nn.with_logical_constraint(embeds.astype(self.config.compute_dtype), ("batch", "seq", "embed"))
-        broadcast = (positions, self_mask, cache_mask, prefix_visible)
+        broadcast = (positions, self_mask, cache_length, prefix_visible)
         if self.config.scan_layers:
             x, new_kv = self.layers(x, cache_kv, prefix, mask_lora, *broadcast)
         else:

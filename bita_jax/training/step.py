@@ -59,7 +59,7 @@ def normal_pass(model: LlamaModel, base: Any, tokens: jax.Array, normal_len: int
 
     A prefill, as decoding's: normal rows never see the adapter, so these are constants of the
     loss (no gradient, no saved activations). Slots past a sequence's normal part hold its masks or
-    padding as plain tokens; the mask rows' cache mask never shows them. The hidden states give the
+    padding as plain tokens; the mask rows' cache lengths never reach them. The hidden states give the
     teacher's next-token distributions (`teacher_hidden`); XLA drops them when no loss reads them.
 
     Args:
@@ -137,10 +137,10 @@ def mask_row_forward(
     rows, valid = mask_rows(batch["group"], num_rows)
     take = lambda x: jnp.take_along_axis(x, rows, axis=1)  # noqa: E731  [B, T] -> [B, R]
     group, positions, visible_end = take(batch["group"]), take(batch["positions"]), take(batch["visible_end"])
-    cache_mask, self_mask = mask_row_visibility(group, visible_end, positions, normal_len)
+    cache_length, self_mask = mask_row_visibility(group, visible_end, positions)
     hidden, _ = bita_adapter.forward(
         model, base, adapter, take(batch["tokens"]), positions, self_mask, group != NORMAL,
-        cache_kv=cache_kv, cache_mask=cache_mask,
+        cache_kv=cache_kv, cache_length=cache_length,
     )  # fmt: skip
     labels = take(batch["labels"])
     # Padding rows' positions may lie past the normal part: clipped, and never counted.

@@ -241,7 +241,7 @@ def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> d
       config: the model config (its `dtype` is the dtype of the returned arrays).
       shardings: optional tree of `NamedSharding`s shaped like the params; each array is built
         from the blocks its devices hold, so on a pod each process reads only its devices' slices
-        of the files. Default: the first local device.
+        of the files. Default: the default device, uncommitted.
 
     Returns:
       The param tree (see `bita_jax.llama`): per-layer tensors stacked on a leading L axis, or
@@ -250,14 +250,19 @@ def load_params(model_dir: str, config: ModelConfig, shardings: Any = None) -> d
     shapes = nn.unbox(abstract_params(config))
     dtype = np.dtype(ml_dtypes.bfloat16) if config.dtype == "bfloat16" else np.dtype(config.dtype)
     reader = _TensorReader(model_dir)
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params: dict = {}
     for path, hf_name, in_dims in _entries(config):
         shape = tuple(_get_path(shapes, path).shape)
-        sharding = _get_path(shardings, path) if shardings is not None else default
-        # Each process reads only the blocks its own devices hold.
         block = _block_reader(reader, hf_name, in_dims, shape, dtype)
-        _set_path(params, path, jax.make_array_from_callback(shape, sharding, block))
+        if shardings is None:
+            # Uncommitted, as host inputs are: committed params would commit every step output,
+            # and jit's dispatch cache tells a step's first inputs (uncommitted placeholder drafts
+            # and pending tokens) from its later ones (its own outputs), so each step would be
+            # cached twice.
+            value = jax.device_put(block(tuple(slice(None) for _ in shape)))
+        else:  # each process reads only the blocks its own devices hold
+            value = jax.make_array_from_callback(shape, _get_path(shardings, path), block)
+        _set_path(params, path, value)
     _check_finite(params, model_dir)
     return params
 

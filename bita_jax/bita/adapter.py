@@ -125,16 +125,19 @@ def abstract_adapter(model: ModelConfig, bita: BiTAConfig) -> dict[str, jax.Shap
     return {name: jax.ShapeDtypeStruct(s, jnp.float32) for name, s in adapter_shapes(model, bita).items()}
 
 
-def adapter_shardings(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> dict[str, NamedSharding]:
-    """The adapter's shardings on a mesh, from its logical axes and the rules table."""
-    return {name: logical_sharding(axes, mesh, rules) for name, axes in ADAPTER_AXES.items()}
+def adapter_shardings(
+    adapter: Adapter, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES
+) -> dict[str, NamedSharding]:
+    """The shardings of an adapter's (or abstract adapter's) arrays on a mesh, from their logical
+    axes and the rules table (the low-rank factors only where the adapter has them)."""
+    return {name: logical_sharding(ADAPTER_AXES[name], mesh, rules) for name in adapter}
 
 
 def place_adapter(adapter: Adapter, mesh: Mesh | None) -> Adapter:
     """Puts the adapter's arrays on the mesh by their logical axes (default device without a mesh)."""
     if mesh is None:
         return {name: jax.device_put(x) for name, x in adapter.items()}
-    return jax.device_put(adapter, {name: adapter_shardings(mesh)[name] for name in adapter})
+    return jax.device_put(adapter, adapter_shardings(adapter, mesh))
 
 
 def mask_token_ids(vocab_size: int, num_masks: int) -> jax.Array:

@@ -179,9 +179,8 @@ def step_cases(config, masks: int, mesh, args) -> list[tuple[dict[str, Any], Any
     bita_cfg = BiTAConfig(num_prompt_tokens=PROMPT_TOKENS, num_mask_tokens=masks)
     boxed = abstract_params(config)
     params = abstract_like(nn.unbox(boxed), tree_shardings(boxed, mesh))
-    adapter = abstract_like(
-        bita_adapter.abstract_adapter(config, bita_cfg), bita_adapter.adapter_shardings(mesh)
-    )
+    adapter = bita_adapter.abstract_adapter(config, bita_cfg)
+    adapter = abstract_like(adapter, bita_adapter.adapter_shardings(adapter, mesh))
     sharded = lambda shape, dtype, axes: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=logical_sharding(axes, mesh)
     )

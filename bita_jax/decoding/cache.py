@@ -53,15 +53,19 @@ class KVCache:
         All R rows are written (static shapes); the length advances by count [B], so rows past
         it stay invisible and the next commit overwrites them. count 0 leaves a row unchanged in
         effect (finished rows). The caller guarantees length + R <= S.
+
+        One `dynamic_update_slice` per batch row, at a static row and that row's length: XLA
+        updates a (donated) cache in place. The same write vmapped over the batch is a scatter,
+        which the TPU compiler costs with whole-cache traffic (docs/performance-tpu.md).
         """
 
-        def put(buf, rows, start):  # buf [L, S, K, H], rows [L, R, K, H]
-            return jax.lax.dynamic_update_slice(buf, rows.astype(buf.dtype), (0, start, 0, 0))
-
-        def write_rows(buf, rows):
+        def write_rows(buf, rows):  # buf [L, B, S, K, H], rows [L, B, R, K, H]
+            rows = rows.astype(buf.dtype)
+            for b in range(buf.shape[1]):
+                start = (0, b, self.length[b], 0, 0)
+                buf = jax.lax.dynamic_update_slice(buf, rows[:, b : b + 1], start)
             # Under a mesh, keep the cache on its logical sharding (a no-op without one).
-            out = jax.vmap(put, in_axes=(1, 1, 0), out_axes=1)(buf, rows, self.length)
-            return nn.with_logical_constraint(out, CACHE_AXES)
+            return nn.with_logical_constraint(buf, CACHE_AXES)
 
         return KVCache(
             k=write_rows(self.k, new_k),

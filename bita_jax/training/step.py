@@ -207,7 +207,7 @@ def step_shardings(
 ) -> StepShardings:
     """Base params by the logical-axis rules, adapter by ADAPTER_AXES (optimizer moments alike),
     batch over (data, fsdp), scalars replicated."""
-    adapter_sh = {name: s for name, s in adapter_shardings(mesh, rules).items() if name in abstract_adapter}
+    adapter_sh = adapter_shardings(abstract_adapter, mesh, rules)
     opt_abstract = jax.eval_shape(optimizer.init, abstract_adapter)
     opt_sh = optax.tree_map_params(
         optimizer,

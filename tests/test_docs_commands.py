@@ -19,6 +19,7 @@ PROGRAMS = {
     "bita_jax.tune": "bita_jax.cli.tune", "bita-tune": "bita_jax.cli.tune",
     "bita_jax.cli.bench": "bita_jax.cli.bench", "bita_jax.recipe": "bita_jax.recipe.__main__",
     "bita_jax.cli.gguf": "bita_jax.cli.gguf", "bita_jax.io.gguf": "bita_jax.cli.gguf",
+    "bita_jax.aot": "bita_jax.cli.aot",
 }  # fmt: skip
 SEPARATORS = {";", "&&", "||", "|", "&"}
 COMMAND = re.compile(r"(\w+=\S*\s+)*(python\b|bita-)")  # optional VAR=value prefixes

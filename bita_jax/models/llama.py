@@ -50,8 +50,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, positions, layer_cache, layer_prefix, self_mask, cache_length, prefix_visible, layer_lora=None
-    ):
+        self, x, positions, layer_cache, layer_prefix, self_mask, cache_length, prefix_visible,
+        layer_lora=None,
+    ):  # fmt: skip
         """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens).
 
         layer_lora: this layer's low-rank updates (A [I, r], B [r, O] per map), applied only on the

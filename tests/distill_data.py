@@ -43,7 +43,9 @@ def sharp_model_and_data(root: str) -> tuple[str, str]:
     """(model dir, data path): a tiny model with sharp weights (repetitive greedy output, so drafts
     can be learned in a few steps) and its own greedy generations on 16 prompts."""
     model_dir = make_tiny_checkpoint(os.path.join(root, "model"), seed=1, initializer_range=0.3)
-    return model_dir, make_distill_data(model_dir, os.path.join(root, "data.jsonl"), num_prompts=16, max_new_tokens=40)
+    data_path = os.path.join(root, "data.jsonl")
+    make_distill_data(model_dir, data_path, num_prompts=16, max_new_tokens=40)
+    return model_dir, data_path
 
 
 def distill_config(model_dir: str, data_path: str, output: str, bita: BiTAConfig, steps: int) -> TrainConfig:

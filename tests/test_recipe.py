@@ -10,9 +10,8 @@ from bita_jax import api, demo
 from bita_jax.cli import run_main
 from bita_jax.errors import UserError
 from bita_jax.io.prompts import read_prompts
-from bita_jax.recipe import pipeline
+from bita_jax.recipe import pipeline, report
 from bita_jax.recipe import prompts as sharegpt
-from bita_jax.recipe import report
 from bita_jax.recipe.__main__ import main as recipe_main
 from bita_jax.training import loop
 

@@ -15,7 +15,7 @@ import json
 import os
 
 from bita_jax import api
-from bita_jax.cli.bench import run_hf
+from bita_jax.config import read_json
 from bita_jax.io.gguf import resolve_model
 from bita_jax.recipe import report
 
@@ -33,26 +33,28 @@ def main() -> None:
         records = [json.loads(line) for line in f if line.strip()]
     prompt_ids = [r["prompt_ids"] for r in records]
     answers = [r["output_ids"] for r in records]
-    max_new = max(len(a) for a in answers)
+    max_new = read_json(os.path.join(args.run, "recipe.json"))["max_new_tokens"]  # the answers' budget
     model_dir = resolve_model(args.model)
     model = api.load(model_dir, adapter=args.adapter)
     out = os.path.join(args.run, "report")
     os.makedirs(out, exist_ok=True)
     name = os.path.basename(os.path.normpath(args.adapter))
     replayed = report.measured(
-        os.path.join(out, f"heldout-replay-{name}.json"), lambda: report.replay(model, prompt_ids, answers, TREES)
+        os.path.join(out, f"heldout-replay-{name}.json"),
+        lambda: report.replay(model, prompt_ids, answers, TREES),
     )
-
-    def lookup() -> dict:
-        r = run_hf(model_dir, prompt_ids, max_new, model.config, 10)
-        return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
-
-    looked_up = report.measured(os.path.join(out, "heldout-lookup.json"), lookup)
+    looked_up = report.measured(
+        os.path.join(out, "heldout-lookup.json"),
+        lambda: report.prompt_lookup(model_dir, model.config, prompt_ids, max_new),
+    )
     summary = {
         "prompts": len(records),
         "max_new_tokens": max_new,
         "replayed": {"tau": replayed["tau"], "mask_acc": replayed["mask_acc"]},
-        "prompt_lookup": {"tau": looked_up["tau"], "identical": report.identical(looked_up["outputs"], answers)},
+        "prompt_lookup": {
+            "tau": looked_up["tau"],
+            "identical": report.identical(looked_up["outputs"], answers),
+        },
     }
     print(json.dumps(summary))
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from bita_jax import api
 from bita_jax.bita.tree import parse_tree
+from bita_jax.config import ModelConfig
 from bita_jax.errors import UserError
 from bita_jax.io.paths import writing
 from bita_jax.recipe.evaluate import rank_summary
@@ -84,6 +85,17 @@ def replay(
     return {**rank_summary(ranks, trees, runs), "auto_tree": None if auto is None else auto.describe()}
 
 
+def prompt_lookup(
+    model_dir: str, config: ModelConfig, prompt_ids: list[list[int]], max_new_tokens: int
+) -> dict[str, Any]:
+    """transformers' prompt-lookup decoding (10 tokens, batch 1) of `prompt_ids` with the checkpoint
+    in `model_dir` (`config` gives its EOS and pad ids): tau, tokens/s, outputs."""
+    from bita_jax.cli.bench import run_hf
+
+    r = run_hf(model_dir, prompt_ids, max_new_tokens, config, 10)
+    return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
+
+
 def stage_report(cfg: RecipeConfig) -> str:
     out = path(cfg, "report")
     os.makedirs(out, exist_ok=True)
@@ -92,8 +104,9 @@ def stage_report(cfg: RecipeConfig) -> str:
     model = api.load(cfg.model, adapter=adapter)
     ar = measured(os.path.join(out, "ar.json"), lambda: decode(model, prompts, cfg, mode="ar"))
     prompt_ids = model.encode(prompts, chat=True)
-    results = {"ar": ar, "replay": measured(os.path.join(out, "replay.json"),
-                                            lambda: replay(model, prompt_ids, ar["outputs"], cfg.report_trees))}  # fmt: skip
+    replayed = measured(os.path.join(out, "replay.json"),
+                        lambda: replay(model, prompt_ids, ar["outputs"], cfg.report_trees))  # fmt: skip
+    results = {"ar": ar, "replay": replayed}
     decoded = prompts[: cfg.report_decoded_prompts or len(prompts)]
     for spec in cfg.report_trees:
         name = f"bita-{spec.replace(':', '')}"
@@ -106,13 +119,10 @@ def stage_report(cfg: RecipeConfig) -> str:
                          lambda: decode(bf16, decoded, cfg, mode="bita", tree=cfg.report_trees[0])),
     }  # fmt: skip
 
-    def lookup() -> dict[str, Any]:
-        from bita_jax.cli.bench import run_hf
-
-        r = run_hf(cfg.model, prompt_ids, cfg.report_tokens, model.config, 10)
-        return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
-
-    results["lookup"] = measured(os.path.join(out, "lookup.json"), lookup)
+    results["lookup"] = measured(
+        os.path.join(out, "lookup.json"),
+        lambda: prompt_lookup(cfg.model, model.config, prompt_ids, cfg.report_tokens),
+    )
     write_markdown(cfg, results, len(prompts), os.path.join(out, "report.md"))
     return out
 

@@ -21,7 +21,7 @@ from bita_jax.config import BiTAConfig, ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import loop as train_loop
-from tests.distill_data import distill_config, sharp_model_and_data, train_adapter
+from tests.distill_data import distill_config, patterned_model_and_data, train_adapter
 from tests.test_training import one_batch
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0)
@@ -62,9 +62,10 @@ def test_updates_move_mask_rows_and_leave_normal_rows_bit_identical(tiny_checkpo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model dir, data path, adapter without updates, adapter with rank-4 updates continued from it,
-    the continued run's directory): a sharp tiny model and its own greedy generations."""
+    the continued run's directory): a tiny model pretrained on period-4 patterns and its own greedy
+    generations."""
     root = tmp_path_factory.mktemp("lora")
-    model_dir, data_path = sharp_model_and_data(str(root))
+    model_dir, data_path, _, _ = patterned_model_and_data(str(root))
     base = distill_config(model_dir, data_path, str(root / "tokens"), BITA, steps=40)
     tokens_only = train_adapter(base)
     continued = dataclasses.replace(base, output=str(root / "lora"), bita=LORA, init_adapter=tokens_only)

@@ -2,7 +2,6 @@
 saved by save_adapter, at batch 1 and 3; --compare, --tree, --mesh; one-line errors."""
 
 import json
-import os
 
 import jax
 import pytest
@@ -10,11 +9,9 @@ import pytest
 import decode
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.cli import run_main
-from bita_jax.config import BiTAConfig, DataConfig, TrainConfig
+from bita_jax.config import BiTAConfig
 from bita_jax.io import adapter_files, hf
-from bita_jax.training import loop as train_loop
-from tests.distill_data import make_distill_data
-from tests.tiny_checkpoint import make_tiny_checkpoint
+from tests.distill_data import distill_config, patterned_model_and_data, train_adapter
 
 PROMPTS = ["def add(a, b):", "The quick brown fox", "x", "import os\nimport sys\nprint(os.getcwd())"]
 MAX_NEW = 24
@@ -22,24 +19,13 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(model dir, adapter dir): a sharp tiny model (repetitive greedy output) and an adapter
-    trained for a few steps on its own greedy generations."""
+    """(model dir, adapter dir): a tiny model pretrained to continue period-4 patterns (its greedy
+    output on these prompts is periodic too) and an adapter trained for a few steps on its own
+    greedy generations, from the mean embedding (the start that learns it in 40 steps)."""
     root = tmp_path_factory.mktemp("bita_cli")
-    model_dir = make_tiny_checkpoint(str(root / "model"), seed=1, initializer_range=0.3)
-    data_path = make_distill_data(model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40)
-    cfg = TrainConfig(
-        model=model_dir,
-        output=str(root / "run"),
-        steps=60,
-        batch_size=8,
-        dtype="float32",
-        log_every=20,
-        save_every=1000,
-        bita=BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0),
-        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
-    )
-    train_loop.run(cfg)
-    return model_dir, os.path.join(cfg.output, train_loop.ADAPTER_DIR)
+    model_dir, data_path, _, _ = patterned_model_and_data(str(root))
+    bita = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0, init="mean")
+    return model_dir, train_adapter(distill_config(model_dir, data_path, str(root / "run"), bita, steps=40))
 
 
 def run_decode(model_dir, out_file, *extra):
@@ -65,8 +51,9 @@ def test_bita_cli_equals_ar(trained, tmp_path, capsys):
         out = capsys.readouterr().out
         assert "acceptance per draft level" in out
         assert batch_size > 1 or "identical outputs: yes" in out
-        # The trained drafts are accepted: fewer tree steps than AR steps.
-        assert sum(r["steps"] for r in bita) < sum(r["steps"] for r in ar), out
+        # The trained drafts are accepted: at least two tokens per tree step (3.2 observed with
+        # either tree; an untrained adapter gets about 1).
+        assert 2 * sum(r["steps"] for r in bita) <= sum(r["steps"] for r in ar), out
 
 
 def test_bita_cli_tensor_parallel(trained, tmp_path):

@@ -17,13 +17,12 @@ import pytest
 import bita_jax
 from bita_jax.bita import adapter as bita_adapter
 from bita_jax.bita import training_mask
-from bita_jax.config import BiTAConfig, ConfigError, DataConfig, TrainConfig
+from bita_jax.config import BiTAConfig, ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import LlamaModel
 from bita_jax.training import loop as train_loop
-from tests.distill_data import make_distill_data
+from tests.distill_data import distill_config, patterned_model_and_data, train_adapter
 from tests.test_training import one_batch
-from tests.tiny_checkpoint import make_tiny_checkpoint
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0)
 LORA = dataclasses.replace(BITA, lora_rank=4)
@@ -63,27 +62,14 @@ def test_updates_move_mask_rows_and_leave_normal_rows_bit_identical(tiny_checkpo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model dir, data path, adapter without updates, adapter with rank-4 updates continued from it,
-    the continued run's directory): a sharp tiny model and its own greedy generations."""
+    the continued run's directory): a tiny model pretrained on period-4 patterns and its own greedy
+    generations."""
     root = tmp_path_factory.mktemp("lora")
-    model_dir = make_tiny_checkpoint(str(root / "model"), seed=1, initializer_range=0.3)
-    data_path = make_distill_data(model_dir, str(root / "data.jsonl"), num_prompts=16, max_new_tokens=40)
-    base = TrainConfig(
-        model=model_dir,
-        output=str(root / "tokens"),
-        steps=40,
-        batch_size=8,
-        dtype="float32",
-        log_every=1,
-        save_every=1000,
-        bita=BITA,
-        data=DataConfig(path=data_path, max_groups=16, seq_buckets=(64, 128)),
-    )
-    train_loop.run(base)
-    tokens_only = os.path.join(base.output, train_loop.ADAPTER_DIR)
+    model_dir, data_path, _, _ = patterned_model_and_data(str(root))
+    base = distill_config(model_dir, data_path, str(root / "tokens"), BITA, steps=40)
+    tokens_only = train_adapter(base)
     continued = dataclasses.replace(base, output=str(root / "lora"), bita=LORA, init_adapter=tokens_only)
-    train_loop.run(continued)
-    lora_dir = os.path.join(continued.output, train_loop.ADAPTER_DIR)
-    return model_dir, data_path, tokens_only, lora_dir, continued
+    return model_dir, data_path, tokens_only, train_adapter(continued), continued
 
 
 def test_continued_run_starts_at_the_trained_adapter_and_its_updates_learn(trained):

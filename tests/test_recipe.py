@@ -6,9 +6,11 @@ import os
 
 import pytest
 
+from bita_jax import api, demo
 from bita_jax.cli import run_main
 from bita_jax.errors import UserError
-from bita_jax.recipe import pipeline
+from bita_jax.io.prompts import read_prompts
+from bita_jax.recipe import pipeline, report
 from bita_jax.recipe import prompts as sharegpt
 from bita_jax.recipe.__main__ import main as recipe_main
 from bita_jax.training import loop
@@ -107,3 +109,19 @@ def test_recipe_stages_resume_where_they_stopped(tiny_checkpoint, tmp_path, caps
     changed[changed.index("--max-new-tokens") + 1] = "16"
     with pytest.raises(UserError, match="max_new_tokens=12"):
         recipe_main(changed + ["--stages", "prompts"])
+
+
+def test_replayed_tau_is_what_greedy_decoding_accepts():
+    """The report's replay (teacher-forced ranks and lookup runs on the AR outputs) gives the tau that
+    decoding each tree measures, lookup chains included, on the packaged demo model and adapter."""
+    model = api.load(demo.MODEL_DIR, adapter=demo.ADAPTER_DIR)
+    prompts = read_prompts(demo.PROMPTS_FILE)[:6]
+    ar = model.run(prompts, mode="ar", max_new_tokens=48, batch_size=2)
+    outputs = [g.output_ids for g in ar.generations]
+    specs = ("upper:3+lookup:4", "lookup:4", "upper:5")
+    replayed = report.replay(model, model.encode(prompts, False), outputs, specs)["tau"]
+    for spec in specs:
+        run = model.run(prompts, mode="bita", tree=spec, max_new_tokens=48, batch_size=2)
+        assert [g.output_ids for g in run.generations] == outputs
+        measured = sum(len(g.output_ids) for g in run.generations) / sum(g.steps for g in run.generations)
+        assert replayed[spec] == pytest.approx(measured, abs=5e-5)  # the replay rounds to 4 decimals

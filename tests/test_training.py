@@ -17,20 +17,18 @@ from bita_jax.bita import training_mask
 from bita_jax.bita.tree import DEFAULT_TREE, parse_tree
 from bita_jax.config import BiTAConfig, DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from bita_jax.decoding import runner
-from bita_jax.decoding.loop import make_ar_generate, make_bita_generate
+from bita_jax.decoding.loop import make_bita_generate
 from bita_jax.io import adapter_files, hf
 from bita_jax.models.llama import LlamaModel, forward
 from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
-from bita_jax.training import data, pretrain
+from bita_jax.training import data
 from bita_jax.training import loop as train_loop
 from bita_jax.training import step as train_step
 from bita_jax.training.optimizer import make_optimizer
-from tests.distill_data import make_distill_data
+from tests.distill_data import PERIOD, make_distill_data, patterned_model_and_data
 from tests.tiny_checkpoint import make_tiny_checkpoint
 
 BITA = BiTAConfig(num_prompt_tokens=4, num_mask_tokens=3, prefix_dropout=0.0)
-PERIOD = 4  # the pretraining corpus repeats motifs of this many tokens
-ALPHABET = 32  # motif tokens are drawn from ids 3..34
 
 
 @pytest.fixture(scope="module")
@@ -147,43 +145,9 @@ def test_mean_init_moves_the_masks_to_the_mean_embedding(tiny_checkpoint):
     assert all(v.dtype == jnp.float32 for v in adapter.values())
 
 
-def motif(rng: np.random.Generator) -> list[int]:
-    """PERIOD distinct ordinary token ids (0, 1, 2 are unk, bos, eos)."""
-    return [int(t) for t in rng.choice(np.arange(3, 3 + ALPHABET), PERIOD, replace=False)]
-
-
 @pytest.fixture(scope="module")
 def patterned(tmp_path_factory):
-    """A tiny LLaMA pretrained to continue period-4 patterns, and its greedy outputs as BiTA data.
-
-    The base model's next token is then a function of the context (the token PERIOD back), so every
-    mask's target is predictable and a working adapter must reach high mask accuracy.
-    Returns (model_dir, data_path, prompts, generations).
-    """
-    root = tmp_path_factory.mktemp("patterned")
-    model_dir = make_tiny_checkpoint(str(root / "model"), seed=0)  # config.json + tokenizer
-    cfg = hf.load_config(model_dir, dtype="float32")
-    params = hf.load_params(model_dir, cfg)
-    rng = np.random.default_rng(0)
-    docs = [[cfg.bos_token_id, *motif(rng) * 16] for _ in range(400)]
-    windows = pretrain.pack_documents(docs, 64, cfg.eos_token_ids[0])
-    steps = 300
-    optimizer, _ = make_optimizer(OptimizerConfig(learning_rate=2e-2, warmup_steps=20), steps)
-    pretrain_step = pretrain.make_pretrain_step(cfg, optimizer)
-    opt_state = optimizer.init(params)
-    for _, windows_batch in zip(range(steps), pretrain.epoch_batches(windows, 16, 0), strict=False):
-        params, opt_state, _ = pretrain_step(params, opt_state, windows_batch)
-    with open(f"{model_dir}/config.json") as f:
-        hf.save_params(params, cfg, model_dir, hf_config=json.load(f))
-    # Self-distillation with the project's AR decoding, on motifs the model never saw.
-    prompts = [[cfg.bos_token_id, *motif(rng) * 2] for _ in range(16)]
-    generate = make_ar_generate(cfg, 40)
-    generations = generate_all(generate, params, prompts, 16, cfg.pad_id)
-    data_path = str(root / "data.jsonl")
-    with open(data_path, "w") as f:
-        for prompt, gen in zip(prompts, generations, strict=True):
-            f.write(json.dumps({"prompt_ids": prompt, "output_ids": gen.output_ids}) + "\n")
-    return model_dir, data_path, prompts, generations
+    return patterned_model_and_data(str(tmp_path_factory.mktemp("patterned")))
 
 
 def test_mask_tokens_learn_a_predictable_model(patterned, tmp_path):

@@ -57,11 +57,13 @@ def adapter_shapes(model: ModelConfig, bita: BiTAConfig) -> dict[str, tuple[int,
 def init_lora(model: ModelConfig, bita: BiTAConfig, rng: jax.Array) -> Adapter:
     """The low-rank factors at init: A ~ N(0, 1), B = 0, so the update starts at exactly zero."""
     shapes = {n: s for n, s in adapter_shapes(model, bita).items() if n.startswith("lora_")}
-    keys = jax.random.split(rng, max(len(shapes), 1))
+    if not shapes:  # lora_rank 0: the paper's adapter
+        return {}
+    keys = jax.random.split(rng, len(shapes))
     draw = lambda name, key, shape: (  # noqa: E731
         jax.random.normal(key, shape, jnp.float32) if name.endswith("_a") else jnp.zeros(shape, jnp.float32)
     )
-    named = zip(keys, sorted(shapes.items()), strict=False)
+    named = zip(keys, sorted(shapes.items()), strict=True)
     return {name: draw(name, key, shape) for key, (name, shape) in named}
 
 

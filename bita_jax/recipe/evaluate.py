@@ -31,9 +31,12 @@ def mask_accuracy(ranks: list[np.ndarray]) -> list[float]:
     return [float(np.mean(points[points[:, m] >= 0, m] == 0)) for m in range(points.shape[1])]
 
 
-def rank_summary(ranks: list[np.ndarray], trees: dict[str, DraftTree]) -> dict[str, Any]:
-    """{"mask_acc": [M], "tau": {name: replayed tau}} of teacher-forced ranks [A, M] per example."""
-    stats = AcceptanceStats.from_ranks(ranks, MAX_RANK)
+def rank_summary(
+    ranks: list[np.ndarray], trees: dict[str, DraftTree], lookup_runs: list[np.ndarray] | None = None
+) -> dict[str, Any]:
+    """{"mask_acc": [M], "tau": {name: replayed tau}} of teacher-forced ranks [A, M] per example;
+    trees with a lookup chain need the examples' `lookup_runs` [A] (tuning.calibrate.lookup_runs)."""
+    stats = AcceptanceStats.from_ranks(ranks, MAX_RANK, lookup_runs)
     return {
         "mask_acc": [round(a, 4) for a in mask_accuracy(ranks)],
         "tau": {name: round(stats.replayed_tokens(tree), 4) for name, tree in trees.items()},

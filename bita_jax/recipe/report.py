@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Any
+from typing import Any, Sequence
 
 from bita_jax import api
 from bita_jax.bita.tree import parse_tree
+from bita_jax.config import ModelConfig
 from bita_jax.errors import UserError
 from bita_jax.io.paths import writing
 from bita_jax.recipe.evaluate import rank_summary
 from bita_jax.recipe.pipeline import RecipeConfig, path
 from bita_jax.training import data
-from bita_jax.tuning.calibrate import teacher_forced_ranks
-
-REPORT_TREES = ("auto", "upper:5", "chain")
+from bita_jax.tuning.calibrate import lookup_runs, teacher_forced_ranks
 
 
 def evaluation_prompts(file: str, count: int) -> list[str]:
@@ -69,17 +68,32 @@ def identical(outputs: list[list[int]], reference: list[list[int]]) -> int:
     return sum(a == b for a, b in zip(outputs, reference, strict=True))
 
 
-def replay(model: api.Model, prompt_ids: list[list[int]], outputs: list[list[int]]) -> dict[str, Any]:
-    """Replayed tau per tree and mask accuracy from teacher-forced ranks on the AR outputs."""
+def replay(
+    model: api.Model, prompt_ids: list[list[int]], outputs: list[list[int]], specs: Sequence[str]
+) -> dict[str, Any]:
+    """Replayed tau of each tree spec ("auto": the stored batch-1 chat choice) and mask accuracy,
+    from teacher-forced ranks and lookup runs on the AR outputs."""
     examples = [data.Example(tuple(p), tuple(o)) for p, o in zip(prompt_ids, outputs, strict=True) if len(o) > 1]
     longest = max(len(e.source) + len(e.target) for e in examples)
     ranks = teacher_forced_ranks(model.config, model.params, model.adapter, examples, max_length=longest)
     M = model.bita_config.num_mask_tokens
-    trees = {spec: parse_tree(spec, M) for spec in REPORT_TREES if spec != "auto"}
-    auto = model.auto_tree(1, chat=True).tree
+    trees = {spec: parse_tree(spec, M) for spec in specs if spec != "auto"}
+    auto = model.auto_tree(1, chat=True).tree if "auto" in specs else None
     if auto is not None:
         trees["auto"] = auto
-    return {**rank_summary(ranks, trees), "auto_tree": None if auto is None else auto.describe()}
+    runs = lookup_runs(examples, model.config.vocab_size) if any(t.lookup for t in trees.values()) else None
+    return {**rank_summary(ranks, trees, runs), "auto_tree": None if auto is None else auto.describe()}
+
+
+def prompt_lookup(
+    model_dir: str, config: ModelConfig, prompt_ids: list[list[int]], max_new_tokens: int
+) -> dict[str, Any]:
+    """transformers' prompt-lookup decoding (10 tokens, batch 1) of `prompt_ids` with the checkpoint
+    in `model_dir` (`config` gives its EOS and pad ids): tau, tokens/s, outputs."""
+    from bita_jax.cli.bench import run_hf
+
+    r = run_hf(model_dir, prompt_ids, max_new_tokens, config, 10)
+    return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
 
 
 def stage_report(cfg: RecipeConfig) -> str:
@@ -90,8 +104,9 @@ def stage_report(cfg: RecipeConfig) -> str:
     model = api.load(cfg.model, adapter=adapter)
     ar = measured(os.path.join(out, "ar.json"), lambda: decode(model, prompts, cfg, mode="ar"))
     prompt_ids = model.encode(prompts, chat=True)
-    results = {"ar": ar, "replay": measured(os.path.join(out, "replay.json"),
-                                            lambda: replay(model, prompt_ids, ar["outputs"]))}  # fmt: skip
+    replayed = measured(os.path.join(out, "replay.json"),
+                        lambda: replay(model, prompt_ids, ar["outputs"], cfg.report_trees))  # fmt: skip
+    results = {"ar": ar, "replay": replayed}
     decoded = prompts[: cfg.report_decoded_prompts or len(prompts)]
     for spec in cfg.report_trees:
         name = f"bita-{spec.replace(':', '')}"
@@ -104,13 +119,10 @@ def stage_report(cfg: RecipeConfig) -> str:
                          lambda: decode(bf16, decoded, cfg, mode="bita", tree=cfg.report_trees[0])),
     }  # fmt: skip
 
-    def lookup() -> dict[str, Any]:
-        from bita_jax.cli.bench import run_hf
-
-        r = run_hf(cfg.model, prompt_ids, cfg.report_tokens, model.config, 10)
-        return {"tau": r.tokens_per_forward, "tokens_per_s": r.tokens_per_s, "outputs": r.outputs}
-
-    results["lookup"] = measured(os.path.join(out, "lookup.json"), lookup)
+    results["lookup"] = measured(
+        os.path.join(out, "lookup.json"),
+        lambda: prompt_lookup(cfg.model, model.config, prompt_ids, cfg.report_tokens),
+    )
     write_markdown(cfg, results, len(prompts), os.path.join(out, "report.md"))
     return out
 

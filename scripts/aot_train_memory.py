@@ -50,18 +50,11 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from bita_jax.bita import adapter as bita_adapter
-    from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig, OptimizerConfig
-    from bita_jax.io.orbax_checkpoint import abstract_like
-    from bita_jax.models.llama import abstract_params
-    from bita_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
-    from bita_jax.training import step as train_step
-    from bita_jax.training.data import BATCH_FIELDS
-    from bita_jax.training.optimizer import make_optimizer
+    from bita_jax.cli.aot import abstract_train_step
+    from bita_jax.config import BiTAConfig, MeshConfig, ModelConfig
+    from bita_jax.sharding import make_mesh
 
     gib = 1024**3
     print(
@@ -75,21 +68,10 @@ def main() -> None:
         mesh = make_mesh(mesh_cfg, jax.devices()[:n])
         model_cfg = ModelConfig.from_hf_config(hf, dtype="bfloat16", remat=True)
         bita_cfg = BiTAConfig(num_prompt_tokens=16, num_mask_tokens=num_masks)
-        optimizer, schedule = make_optimizer(OptimizerConfig(), 1000)
-        adapter = bita_adapter.abstract_adapter(model_cfg, bita_cfg)
-        sh = train_step.step_shardings(model_cfg, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
-        state = train_step.TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.state.step),
-            adapter=abstract_like(adapter, sh.state.adapter),
-            opt_state=abstract_like(jax.eval_shape(optimizer.init, adapter), sh.state.opt_state),
-        )
-        base = abstract_like(nn.unbox(abstract_params(model_cfg)), sh.base)
         batch_size = args.per_device_batch * mesh_cfg.data * mesh_cfg.fsdp
-        batch = {
-            k: jax.ShapeDtypeStruct((1, batch_size, args.seq), jnp.int32, sharding=sh.batch)
-            for k in BATCH_FIELDS
-        }
-        step = train_step.make_train_step(model_cfg, bita_cfg, optimizer, schedule, 64 * num_masks, 0, sh)
+        step, (state, base, batch) = abstract_train_step(
+            model_cfg, bita_cfg, mesh, batch_size, args.seq, 64 * num_masks
+        )
         start = time.perf_counter()
         compiled = step.lower(state, base, batch).compile()
         seconds = time.perf_counter() - start

@@ -24,6 +24,7 @@ layers are identical, so each adds the same bytes and flops), marked `extrapolat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -214,6 +215,16 @@ def train_case(config, bita_cfg, mesh, batch: int, normal_len: int):
     normal_len tokens plus 64 groups of M mask rows; the reported rows are the mask rows."""
     import dataclasses
 
+    config = dataclasses.replace(config, scan_layers=True, remat=True, activation_dtype=None)
+    rows = 64 * bita_cfg.num_mask_tokens
+    step, inputs = abstract_train_step(config, bita_cfg, mesh, batch, normal_len + rows, rows)
+    return {"step": "train", "tree": None, "rows": rows, "batch": batch}, step, inputs
+
+
+def abstract_train_step(config, bita_cfg, mesh, batch: int, seq_len: int, rows: int):
+    """(train step, (state, base, data)): the jitted train step with AdamW and abstract inputs
+    (`jax.ShapeDtypeStruct`s carrying their shardings over `mesh`), ready to lower and compile
+    without weights; data fields are [1, batch, seq_len], rows of which are mask rows."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -227,8 +238,6 @@ def train_case(config, bita_cfg, mesh, batch: int, normal_len: int):
     from bita_jax.training.data import BATCH_FIELDS
     from bita_jax.training.optimizer import make_optimizer
 
-    config = dataclasses.replace(config, scan_layers=True, remat=True, activation_dtype=None)
-    rows = 64 * bita_cfg.num_mask_tokens
     optimizer, schedule = make_optimizer(OptimizerConfig(), 1000)
     adapter = bita_adapter.abstract_adapter(config, bita_cfg)
     sh = train_step.step_shardings(config, optimizer, adapter, mesh, LOGICAL_AXIS_RULES)
@@ -238,10 +247,10 @@ def train_case(config, bita_cfg, mesh, batch: int, normal_len: int):
         opt_state=abstract_like(jax.eval_shape(optimizer.init, adapter), sh.state.opt_state),
     )
     base = abstract_like(nn.unbox(abstract_params(config)), sh.base)
-    shape = (1, batch, normal_len + rows)  # [steps per call, B, S + R]
+    shape = (1, batch, seq_len)  # [steps per call, B, S + R]
     data = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh.batch) for k in BATCH_FIELDS}
     step = train_step.make_train_step(config, bita_cfg, optimizer, schedule, rows, 0, sh)
-    return {"step": "train", "tree": None, "rows": rows, "batch": batch}, step, (state, base, data)
+    return step, (state, base, data)
 
 
 def compile_case(step, step_args, mesh) -> dict[str, Any]:
@@ -350,6 +359,14 @@ def emit(record: dict[str, Any], as_json: bool) -> None:
     )
 
 
+def roofline_seconds(record: dict, chip: tuple) -> float:
+    """A compiled step's roofline time on `chip` (peak flop/s, HBM bytes/s, ...): the longer of its
+    bytes at BANDWIDTH_EFFICIENCY of the bandwidth and its flops at FLOPS_EFFICIENCY of the peak."""
+    peak, bandwidth = chip[0], chip[1]
+    memory = record["bytes_accessed"] / (BANDWIDTH_EFFICIENCY * bandwidth)
+    return max(memory, record["flops"] / (FLOPS_EFFICIENCY * peak))
+
+
 def projection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Roofline step times (a projection, not a measurement) and each tree step / the AR step.
 
@@ -363,10 +380,7 @@ def projection(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gen = r["target"].split(":")[0]
         if gen not in CHIPS or not r["fits"] or r["step"] == "train":
             continue
-        peak, bandwidth, _ = CHIPS[gen]
-        seconds = lambda x: max(  # noqa: E731
-            x["bytes_accessed"] / (BANDWIDTH_EFFICIENCY * bandwidth), x["flops"] / (FLOPS_EFFICIENCY * peak)
-        )
+        seconds = functools.partial(roofline_seconds, chip=CHIPS[gen])
         row = {"target": r["target"], "step": r["step"], "tree": r["tree"], "rows": r["rows"],
                "batch": r["batch"], "ms": 1e3 * seconds(r)}  # fmt: skip
         base = ar.get((r["target"], r["batch"]))
@@ -446,8 +460,10 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             print(json.dumps({"projection": True, **row}))
     elif rows:
-        print(f"\nProjection (roofline at {BANDWIDTH_EFFICIENCY:.0%} of HBM bandwidth, "
-              f"{FLOPS_EFFICIENCY:.0%} of peak):")
+        print(
+            f"\nProjection (roofline at {BANDWIDTH_EFFICIENCY:.0%} of HBM bandwidth, "
+            f"{FLOPS_EFFICIENCY:.0%} of peak):"
+        )
         for row in rows:
             ratio = ""
             if "time_vs_ar" in row:

@@ -20,6 +20,8 @@ from bita_jax.errors import ConfigError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+# The attention's cache part (models/cache_attention.py).
+ATTENTION_KERNELS = ("auto", "einsum", "pallas")
 # Decoding precision policies (see `decoding_dtypes`): "exact" keeps activations, attention, logits
 # and the KV cache in float32 whatever the weights' dtype; "fast" computes in the weights' dtype.
 PRECISIONS = ("exact", "fast")
@@ -77,6 +79,9 @@ class ModelConfig:
     # Layers as one `nn.scan` over stacked [L, ...] params (fast compiles; training) or unrolled
     # with each layer's params its own arrays (decoding: no per-layer weight copy, see llama.py).
     scan_layers: bool = True
+    # The attention's cache part: "auto" (a fused Pallas kernel where compiled for TPU, einsums
+    # elsewhere), "einsum", or "pallas" (everywhere; off TPU interpreted, for tests).
+    attention_kernel: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -85,6 +90,10 @@ class ModelConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}"
+            )
         if self.activation_dtype not in (None, *DTYPES):
             raise ConfigError(f"activation_dtype must be one of {DTYPES}, got {self.activation_dtype!r}")
         if self.rope_type not in SUPPORTED_ROPE_TYPES:

@@ -83,34 +83,37 @@ def single_softmax_attention(q, own, cache, prefix):
     return out + jnp.einsum("bkgtp,pkgh->btkgh", probs[..., S:], pv)
 
 
-def test_split_attention_equals_one_softmax():
+@pytest.mark.parametrize("kernel", ["einsum", "pallas"])
+def test_split_attention_equals_one_softmax(kernel):
     """Mixed cache lengths (0, partial, full), a random own-block mask, some rows seeing the prefix,
-    one row seeing nothing at all (uniform over every key, as one softmax gives)."""
+    one row seeing nothing at all (uniform over every key, as one softmax gives); the cache part
+    by einsums and by the Pallas kernel (interpreted here), the cache's second layer attended."""
     rng = np.random.default_rng(0)
     B, T, S, P, K, G, H = 4, 6, 24, 5, 2, 3, 8
     f = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32) * 3)  # noqa: E731
     q, k, v = f(B, T, K, G, H), f(B, T, K, H), f(B, T, K, H)
-    ck, cv, pk, pv = f(B, S, K, H), f(B, S, K, H), f(P, K, G, H), f(P, K, G, H)
+    stacked_k, stacked_v, pk, pv = f(2, B, S, K, H), f(2, B, S, K, H), f(P, K, G, H), f(P, K, G, H)
+    ck, cv = stacked_k[1], stacked_v[1]
     length = rng.integers(0, S + 1, size=(B, T)).astype(np.int32)
     length[0] = 0
     length[1] = S
     mask = rng.random((B, T, T)) < 0.5
     visible = rng.random((B, T)) < 0.5
     length[2, 3], mask[2, 3], visible[2, 3] = 0, False, False
-    cache = (ck, cv, jnp.asarray(length))
+    cache = (stacked_k, stacked_v, jnp.asarray(length), 1)
     own, prefix = (k, v, jnp.asarray(mask)), (pk, pv, jnp.asarray(visible))
-    ours = attend(q, own, cache, prefix)
+    ours = attend(q, own, cache, prefix, kernel)
     expected = single_softmax_attention(q, own, (ck, cv, length), (pk, pv, visible))
     np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-5, atol=1e-5)
     # Gradients (training differentiates through the queries and the prefix) agree as well.
     weights = f(B, T, K, G, H)
 
-    def grads(fn, cache, visible):
-        loss = lambda q, pk, pv: (fn(q, own, cache, (pk, pv, visible)) * weights).sum()  # noqa: E731
+    def grads(fn, cache, visible, **kw):
+        loss = lambda q, pk, pv: (fn(q, own, cache, (pk, pv, visible), **kw) * weights).sum()  # noqa: E731
         return jax.grad(loss, argnums=(0, 1, 2))(q, pk, pv)
 
     reference = grads(single_softmax_attention, (ck, cv, length), visible)
-    for g_ours, g_ref in zip(grads(attend, cache, prefix[2]), reference, strict=True):
+    for g_ours, g_ref in zip(grads(attend, cache, prefix[2], kernel=kernel), reference, strict=True):
         # float32: entries equal to 1e-5 of the tensor's largest gradient.
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5 * np.abs(g_ref).max())
     # Without a cache or prefix (prefill), the own block alone is a plain masked softmax.

@@ -188,6 +188,20 @@ def test_bita_equals_ar_random_adapters(model, batch):
         assert generate._cache_size() == 1  # one compile for all adapters
 
 
+def test_bita_equals_ar_with_cache_kernel(model):
+    """The attention's cache part as the Pallas kernel (TPU's default; interpreted here) in every
+    step: BiTA still equals AR, and AR equals AR with the einsums."""
+    config, params = model
+    kernel = dataclasses.replace(config, attention_kernel="pallas")
+    tokens, lens, streams = runner.pad_batch(PROMPTS, 0, len(PROMPTS), config.pad_id)
+    max_new = 20
+    ar = ar_generate(kernel, max_new)(params, tokens, lens, streams)
+    assert_same_generation(ar_generate(config, max_new)(params, tokens, lens, streams), ar)
+    generate = make_bita_generate(kernel, parse_tree("upper:5", 3), max_new)
+    for seed in range(2):
+        assert_same_generation(ar, generate((params, adapter(kernel, seed)), tokens, lens, streams))
+
+
 def oracle_drafts(rng, tree, truth, num_generated, vocab_size):
     """Drafts holding the true continuation at random ranks (sometimes missing, sometimes off-trunk)."""
     batch = truth.shape[0]

@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 from bita_jax.cli import run_main
+from bita_jax.config import ATTENTION_KERNELS
 from bita_jax.errors import ConfigError, UserError
 
 # Published config.json shapes of meta-llama/Llama-2-{7b,13b,70b}-chat-hf (no checkpoint needed).
@@ -120,9 +121,9 @@ def target_devices(gen: str, shape: str, chips: int) -> list:
     return list(topology.devices)
 
 
-def model_config(spec: str, precision: str, layers: int | None = None):
+def model_config(spec: str, precision: str, kernel: str, layers: int | None = None):
     """(ModelConfig, M) from a preset name or a config.json path, bf16 weights under `precision`,
-    optionally cut to `layers` decoder layers."""
+    the attention's cache part by `kernel`, optionally cut to `layers` decoder layers."""
     from bita_jax.config import ModelConfig, decoding_dtypes, read_json
 
     if spec in PRESETS:
@@ -133,7 +134,9 @@ def model_config(spec: str, precision: str, layers: int | None = None):
         raise UserError(f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
     if layers is not None:
         hf = {**hf, "num_hidden_layers": layers}
-    config = ModelConfig.from_hf_config(hf, **decoding_dtypes("bfloat16", precision), scan_layers=False)
+    config = ModelConfig.from_hf_config(
+        hf, **decoding_dtypes("bfloat16", precision), scan_layers=False, attention_kernel=kernel
+    )
     return config, masks
 
 
@@ -288,7 +291,7 @@ def run_target(target: str, config, masks: int, args, quiet: bool = False) -> li
     for desc, step, step_args in step_cases(config, masks, mesh, args):
         record = {"target": target, "chips": chips, "mesh": args.mesh, "model": args.model,
                   "layers": config.num_layers, "precision": args.precision, "cache": args.cache,
-                  **desc}  # fmt: skip
+                  "attention_kernel": args.attention_kernel, **desc}  # fmt: skip
         record.update(compile_case(step, step_args, mesh))
         if not record["fits"] and args.fit and gen != "cpu":
             record["smallest_fit"] = smallest_fit(gen, shape, config, masks, desc, args)
@@ -401,6 +404,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision", choices=("fast", "exact"), default="fast",
         help="bf16 weights with bf16 (fast) or float32 (exact) activations and cache",
     )  # fmt: skip
+    parser.add_argument(
+        "--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
+        help="the attention's cache part: auto (the Pallas kernel on TPU), einsum, pallas",
+    )  # fmt: skip
     parser.add_argument("--steps", default="ar,tree", help="comma list of ar, tree, train")
     parser.add_argument(
         "--trees", default="upper:5", help="comma list: chain, upper:K, wide (124 rows), JSON paths"
@@ -442,16 +449,15 @@ def main(argv: list[str] | None = None) -> None:
     if cpus and "jax" not in sys.modules:  # fake CPU devices must be requested before jax starts
         flag = f" --xla_force_host_platform_device_count={cpus}"
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + flag
-    config, masks = model_config(args.model, args.precision)
+    config, masks = model_config(args.model, args.precision, args.attention_kernel)
     if args.layers is None:
         records = [r for target in targets for r in run_target(target, config, masks, args)]
     else:
         records = []
         for target in targets:
-            shallow, deep = (
-                run_target(target, model_config(args.model, args.precision, n)[0], masks, args, quiet=True)
-                for n in args.layers
-            )
+            kernel = args.attention_kernel
+            configs = (model_config(args.model, args.precision, kernel, n) for n in args.layers)
+            shallow, deep = (run_target(target, c, masks, args, quiet=True) for c, _ in configs)
             records += extrapolate(shallow, deep, config.num_layers)
             for record in records[-len(deep) :]:
                 emit(record, args.json)

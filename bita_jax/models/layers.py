@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bita_jax.config import ModelConfig
+from bita_jax.models.cache_attention import MASKED_SCORE, cache_part, masked_exp
 
-# Finite, so a row that sees no key yields a uniform (ignored) distribution instead of NaN.
-MASKED_SCORE = -1e30
+__all__ = ["MASKED_SCORE", "RMSNorm", "apply_rope", "attend", "low_rank_update", "rope_inv_freq"]
 
 
 class RMSNorm(nn.Module):
@@ -72,25 +72,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _masked_exp(scores: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One part's softmax statistics: scores [B, K, G, T, S] float32, visible broadcastable to them.
-
-    Returns (max m [B, K, G, T, 1], exp(scores - m) [B, K, G, T, S], their sum [B, K, G, T, 1]).
-    A row that sees no key of the part gets m = MASKED_SCORE, so the merge weighs the part 0 as
-    soon as any other part has a visible key. The max only shifts the exponent (the merged result
-    does not depend on it), so no gradient flows through it.
-    """
-    scores = jnp.where(visible, scores, MASKED_SCORE)
-    m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    e = jnp.exp(scores - m)
-    return m, e, jnp.sum(e, axis=-1, keepdims=True)
-
-
 def attend(
     q: jax.Array,
     own: tuple[jax.Array, jax.Array, jax.Array],
-    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    cache: tuple[jax.Array, jax.Array, jax.Array, int] | None = None,
     prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    kernel: str = "auto",
 ) -> jax.Array:
     """Grouped-query attention over the cache, the step's own rows and the BiTA prefix, one softmax.
 
@@ -100,18 +87,20 @@ def attend(
     concatenated keys within float rounding. The cache part needs only a length per row: its
     mask is an iota compare fused into the scores, never a [B, T, S] tensor, and no [.., S + T + P]
     score tensor is concatenated. The own block's mask (causal, the draft tree) covers only T x T.
+    On TPU the cache part is one Pallas kernel that keeps its scores on chip (`cache_attention`).
     (`jax.nn.dot_product_attention(..., key_value_seq_lengths=..., return_residual=True)` is the
     same computation off GPU, but it rounds its log-sum-exp and its normalised output to the input
-    dtype, which in bfloat16 would make the merge inexact; on TPU a splash/ragged kernel can take
-    the cache part's place, returning the same three statistics.)
+    dtype, which in bfloat16 would make the merge inexact.)
 
     Args:
       q: [B, T, K, G, H] queries, already scaled and rotated.
       own: this chunk's (k, v, mask): k, v [B, T, K, H], mask [B, T, T] bool.
-      cache: optional committed (k, v, length): k, v [B, S, K, H]; row t of sequence b sees
-        slots s < length[b, t], length [B, T] int32.
+      cache: optional committed (k, v, length, layer): k, v [L, B, S, K, H] of which layer `layer`
+        (a Python int) is attended; row t of sequence b sees slots s < length[b, t], length [B, T]
+        int32.
       prefix: optional BiTA prefix (k, v, visible): k, v [P, K, G, H], one per query head and
         never rotated; visible [B, T] bool says which query rows may see it.
+      kernel: the cache part's implementation (`ModelConfig.attention_kernel`).
 
     Returns:
       [B, T, K, G, H] attention output in q's dtype.
@@ -124,17 +113,13 @@ def attend(
         return jnp.einsum(spec, e.astype(q.dtype), v, preferred_element_type=jnp.float32)
 
     k, v, mask = own
-    m, e, total = _masked_exp(scores("btkgh,bskh->bkgts", k), mask[:, None, None])
+    m, e, total = masked_exp(scores("btkgh,bskh->bkgts", k), mask[:, None, None])
     parts = [(m, total, values("bkgts,bskh->btkgh", e, v))]
     if cache is not None:
-        k, v, length = cache
-        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-        visible = slots < length[:, None, None, :, None]  # [B, 1, 1, T, S]
-        m, e, total = _masked_exp(scores("btkgh,bskh->bkgts", k), visible)
-        parts.append((m, total, values("bkgts,bskh->btkgh", e, v)))
+        parts.append(cache_part(q, *cache, kernel=kernel))
     if prefix is not None:
         k, v, visible = prefix
-        m, e, total = _masked_exp(scores("btkgh,pkgh->bkgtp", k), visible[:, None, None, :, None])
+        m, e, total = masked_exp(scores("btkgh,pkgh->bkgtp", k), visible[:, None, None, :, None])
         parts.append((m, total, values("bkgtp,pkgh->btkgh", e, v)))
     top = functools.reduce(jnp.maximum, [m for m, _, _ in parts])
     out, denominator = 0.0, 0.0

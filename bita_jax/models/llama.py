@@ -55,6 +55,8 @@ class Attention(nn.Module):
     ):  # fmt: skip
         """x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] of this step's tokens).
 
+        layer_cache: None or (k, v, layer): the cache k, v [L, B, S, K, H] and this layer's index.
+
         layer_lora: this layer's low-rank updates (A [I, r], B [r, O] per map), applied only on the
         prefix_visible rows.
         """
@@ -76,14 +78,14 @@ class Attention(nn.Module):
         v = linear(wv, "v_proj")  # [B, T, K, H]
         q = (q * c.head_dim**-0.5).reshape(*q.shape[:2], c.num_kv_heads, G, c.head_dim)
 
-        cache = None if layer_cache is None else (*layer_cache, cache_length)
+        cache = None if layer_cache is None else (*layer_cache[:2], cache_length, layer_cache[2])
         prefix = None
         if layer_prefix is not None:
             # The prefix has one key/value per query head; it is never rotated.
             pk, pv = (p.astype(dt).reshape(-1, c.num_kv_heads, G, c.head_dim) for p in layer_prefix)
             prefix = (pk, pv, prefix_visible)
         with jax.named_scope("attn"):
-            out = attend(q, (k, v, self_mask), cache, prefix)  # [B, T, K, G, H]
+            out = attend(q, (k, v, self_mask), cache, prefix, c.attention_kernel)  # [B, T, K, G, H]
         # One contraction over N*H: with two contracting dims XLA:CPU transposes wo every step.
         out = out.reshape(*out.shape[:2], c.num_heads * c.head_dim)
         y = jnp.einsum("btf,fd->btd", out, wo.reshape(-1, c.hidden_size))
@@ -112,6 +114,10 @@ class Block(nn.Module):
     """One decoder layer, called with (carry, per-layer inputs, broadcast inputs) by `nn.scan` or the loop."""
 
     config: ModelConfig
+    # Unrolled: this layer's index into the whole cache [L, B, S, K, H] (read in place, not sliced
+    # into a copy: a kernel's operand must be a whole buffer). None: the cache given is this
+    # layer's own [B, S, K, H] (`nn.scan` slices it).
+    cache_layer: int | None = None
 
     @nn.compact
     def __call__(
@@ -119,10 +125,12 @@ class Block(nn.Module):
     ):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype, name=name)  # noqa: E731
+        if layer_cache is not None and self.cache_layer is None:
+            layer_cache = tuple(a[None] for a in layer_cache)  # [1, B, S, K, H], layer 0
         attn_out, new_kv = Attention(c, name="self_attn")(
             norm("input_layernorm")(x),
             positions,
-            layer_cache,
+            (*layer_cache, self.cache_layer or 0) if layer_cache is not None else None,
             layer_prefix,
             self_mask,
             cache_length,
@@ -157,7 +165,7 @@ class LlamaModel(nn.Module):
             # Params "layers_0" ... "layers_{L-1}": each layer's weights are separate arrays, so
             # a decode step reads them in place. Slicing a stacked [L, ...] weight inside the
             # scan makes XLA:CPU copy the whole layer's weights every step.
-            self.layers = [block(c) for _ in range(c.num_layers)]
+            self.layers = [block(c, cache_layer=i) for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, c.compute_dtype, c.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _weight(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -215,7 +223,8 @@ class LlamaModel(nn.Module):
         layer = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
-            per_layer = (layer(layer_cache, i), layer(layer_prefix, i), layer(mask_lora, i))
+            # The cache goes whole (block i reads its layer in place, see Block.cache_layer).
+            per_layer = (layer_cache, layer(layer_prefix, i), layer(mask_lora, i))
             x, (k, v) = block(x, *per_layer, *broadcast)
             new_k.append(k)
             new_v.append(v)

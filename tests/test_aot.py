@@ -3,6 +3,8 @@ compile, and the report carries the compiler's per-device memory and cost figure
 
 import json
 
+import pytest
+
 from bita_jax.cli import aot
 from bita_jax.cli import run_main
 
@@ -10,12 +12,13 @@ TINY = {**aot.LLAMA2_7B, "hidden_size": 64, "intermediate_size": 128, "num_atten
         "num_hidden_layers": 2, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
 
 
-def test_aot_cpu_reports_every_step(tmp_path, capsys):
+@pytest.mark.parametrize("kernel", ["auto", "pallas"])  # pallas: the TPU kernel's path, interpreted
+def test_aot_cpu_reports_every_step(tmp_path, capsys, kernel):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY))
     B, S = 2, 32
     argv = ["--target", "cpu:2", "--model", str(config), "--steps", "ar,tree,train", "--trees", "chain",
-            "--batch-sizes", str(B), "--cache", str(S), "--json"]  # fmt: skip
+            "--batch-sizes", str(B), "--cache", str(S), "--attention-kernel", kernel, "--json"]  # fmt: skip
     assert run_main(aot.main, argv) == 0
     records = {r["step"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(records) == {"ar", "tree", "train"}  # no projection for a CPU target

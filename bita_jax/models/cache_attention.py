@@ -65,8 +65,8 @@ def _kernel(length_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, m_acc, l_acc, 
     """One (sequence, slot block) grid step over every KV head.
 
     Refs: length [R, 1] int32, q [K, R, H], k and v [slot_block, K, H] (of one layer); outputs
-    o [K, R, H] f32, m and l [K, R, 1] f32 (written at the last slot block); VMEM accumulators of the same shapes.
-    R = T * G query rows per KV head.
+    o [K, R, H] f32, m and l [K, R, 1] f32 (written at the last slot block); VMEM accumulators of
+    the same shapes. R = T * G query rows per KV head.
     """
     block = pl.program_id(1)
 
@@ -165,6 +165,21 @@ def _pallas_backward(layer, interpret, residuals, cotangents):
 _differentiable_pallas_part.defvjp(_pallas_forward, _pallas_backward)
 
 
+def _cache_axes() -> tuple:
+    """The mesh axes (or None) of the cache's batch, slot, KV-head and head-dim axes, by the
+    logical-axis rules in force."""
+    return tuple(nn.logical_to_mesh_axes(("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")))
+
+
+def _kv_heads_per_shard(num_kv_heads: int) -> int:
+    """KV heads of the cache on each device of the context mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    heads = None if mesh.empty else _cache_axes()[2]
+    for axis in () if heads is None else heads if isinstance(heads, tuple) else (heads,):
+        num_kv_heads //= mesh.shape[axis]
+    return num_kv_heads
+
+
 def _per_shard(fn):
     """fn mapped over the shards of the context mesh (the cache's batch and KV-head shards, by the
     logical-axis rules in force); None where the rules shard the cache's slots or head dim, which
@@ -172,9 +187,7 @@ def _per_shard(fn):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn
-    batch, slots, heads, head_dim = nn.logical_to_mesh_axes(
-        ("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")
-    )
+    batch, slots, heads, head_dim = _cache_axes()
     if slots is not None or head_dim is not None:
         return None
     rows = PartitionSpec(batch, None, heads, None, None)  # q and o [B, T, K, G, H]
@@ -199,9 +212,10 @@ def cache_part(
       k, v: [L, B, S, K, H] the cache, of which layer `layer` (a Python int) is attended.
       length: [B, T] int32, row t of sequence b sees slots s < length[b, t].
       kernel: `ModelConfig.attention_kernel`: "auto" = the kernel where the step is compiled for
-        TPU, einsums elsewhere; "einsum"; "pallas" everywhere (off TPU interpreted). The kernel
-        needs S <= SLOT_BLOCK or a multiple of it and a cache sharded over batch and KV heads
-        only; otherwise the einsums run.
+        TPU and each device holds a multiple of 8 KV heads, einsums elsewhere; "einsum";
+        "pallas" everywhere (off TPU interpreted). The kernel needs S <= SLOT_BLOCK or a
+        multiple of it and a cache sharded over batch and KV heads only; otherwise the einsums
+        run.
 
     Returns:
       (m [B, K, G, T, 1], total [B, K, G, T, 1], o [B, T, K, G, H]), all float32: the row's largest
@@ -210,7 +224,11 @@ def cache_part(
     """
     S = k.shape[2]
     einsums = functools.partial(einsum_cache_part, layer=layer)
-    if kernel not in ("auto", "pallas") or S % min(S, SLOT_BLOCK):
+    # With KV heads per device not a multiple of the 8-row tile, XLA:TPU lays the cache out with
+    # the heads outside the slots and would copy it whole into the kernel's layout: "auto" keeps
+    # the einsums there (LLaMA-2-13B on 4 chips: 10 heads each; docs/performance-tpu.md).
+    tiled = _kv_heads_per_shard(k.shape[3]) % 8 == 0
+    if kernel not in ("auto", "pallas") or S % min(S, SLOT_BLOCK) or (kernel == "auto" and not tiled):
         return einsums(q, k, v, length)
     on_tpu = _per_shard(functools.partial(_differentiable_pallas_part, layer=layer, interpret=False))
     if on_tpu is None:

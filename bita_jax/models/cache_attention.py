@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Finite, so a row that sees no key yields a uniform (ignored) distribution instead of NaN.
 MASKED_SCORE = -1e30
@@ -171,13 +171,12 @@ def _cache_axes() -> tuple:
     return tuple(nn.logical_to_mesh_axes(("cache_batch", "cache_seq", "cache_kv_heads", "cache_head_dim")))
 
 
-def _kv_heads_per_shard(num_kv_heads: int) -> int:
-    """KV heads of the cache on each device of the context mesh."""
+def _kv_heads_per_shard(k: jax.Array) -> int:
+    """KV heads of the cache k [L, B, S, K, H] on each device of the context mesh."""
     mesh = jax.sharding.get_abstract_mesh()
-    heads = None if mesh.empty else _cache_axes()[2]
-    for axis in () if heads is None else heads if isinstance(heads, tuple) else (heads,):
-        num_kv_heads //= mesh.shape[axis]
-    return num_kv_heads
+    if mesh.empty:
+        return k.shape[3]
+    return NamedSharding(mesh, PartitionSpec(None, *_cache_axes())).shard_shape(k.shape)[3]
 
 
 def _per_shard(fn):
@@ -227,7 +226,7 @@ def cache_part(
     # With KV heads per device not a multiple of the 8-row tile, XLA:TPU lays the cache out with
     # the heads outside the slots and would copy it whole into the kernel's layout: "auto" keeps
     # the einsums there (LLaMA-2-13B on 4 chips: 10 heads each; docs/performance-tpu.md).
-    tiled = _kv_heads_per_shard(k.shape[3]) % 8 == 0
+    tiled = _kv_heads_per_shard(k) % 8 == 0
     if kernel not in ("auto", "pallas") or S % min(S, SLOT_BLOCK) or (kernel == "auto" and not tiled):
         return einsums(q, k, v, length)
     on_tpu = _per_shard(functools.partial(_differentiable_pallas_part, layer=layer, interpret=False))

@@ -20,9 +20,6 @@ import time
 from bita_jax import api
 from bita_jax.io.gguf import resolve_model
 
-CHUNK = 256  # prompts per engine run; the engine's slots refill within a chunk
-
-
 def capped(records: list[dict], budget: int, eos_ids: set[int]) -> list[dict]:
     """The records whose answer used its whole budget without ending."""
     return [r for r in records if len(r["output_ids"]) >= budget and r["output_ids"][-1] not in eos_ids]
@@ -60,15 +57,14 @@ def main() -> None:
             nonlocal done
             for rec in finished:
                 r = todo[int(rec["prompt"])]
-                full = {"prompt": r["prompt"], "prompt_ids": r["prompt_ids"], "output_ids": r["output_ids"] + rec["output_ids"]}
-                out.write(json.dumps(full) + "\n")
+                longer = r["output_ids"] + rec["output_ids"]
+                out.write(json.dumps({"prompt": r["prompt"], "prompt_ids": r["prompt_ids"], "output_ids": longer}) + "\n")
             out.flush()
             done += len(finished)
             print(f"{done} continued, {time.perf_counter() - start:.0f} s", flush=True)
 
-        for first in range(0, len(todo), CHUNK):
-            keys = [str(i) for i in range(first, min(first + CHUNK, len(todo)))]
-            model.run(keys, on_batch=write, max_new_tokens=args.more, batch_size=args.batch_size, mode="ar")
+        # One run over all of them: the engine refills a finished row's slot at once.
+        model.run(list(ids), on_batch=write, max_new_tokens=args.more, batch_size=args.batch_size, mode="ar")
 
 
 if __name__ == "__main__":

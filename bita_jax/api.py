@@ -29,7 +29,7 @@ from bita_jax.decoding.sampling import SAMPLING_ONLY, Sampler, ignored_options, 
 from bita_jax.errors import ConfigError
 from bita_jax.io import adapter_files, hf
 from bita_jax.io.gguf import resolve_model
-from bita_jax.io.prompts import check_prompts
+from bita_jax.io.prompts import check_prompt_ids, check_prompts, given_as_ids
 from bita_jax.io.tokenizer import Tokenizer
 from bita_jax.models.llama import abstract_params
 from bita_jax.sharding import check_mesh_fits, check_platform, make_mesh, mesh_rules, tree_shardings
@@ -38,6 +38,8 @@ from bita_jax.tuning.choice import TreeStore, load_store
 
 MODES = ("ar", "bita", "lookup")
 DEFAULT_LOOKUP_TREE = "lookup:4"
+# Prompt texts, or prompts already encoded: a token-id list each.
+Prompts = Sequence[str] | Sequence[Sequence[int]]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,7 @@ class _Plan:
       mode: "ar", "bita" or "lookup" (AR also when tree="auto" chose AR).
       tree: the draft tree, None for AR.
       auto: what tree="auto" resolved to; None when another tree or AR was asked for.
+      texts: the prompts' texts for the records (token-id prompts decoded, special tokens kept).
       prompt_ids: the encoded prompts; budgets: max_new_tokens per prompt; batch_size: after
         clamping to the prompts.
     """
@@ -183,6 +186,7 @@ class _Plan:
     tree: DraftTree | None
     auto: AutoTree | None
     sampler: Sampler
+    texts: list[str]
     prompt_ids: list[list[int]]
     budgets: list[int]
     batch_size: int
@@ -217,7 +221,7 @@ class Model:
         """Token ids per prompt (`chat` wraps each prompt in the tokenizer's chat template)."""
         return hf.encode_prompts(self.tokenizer, prompts, chat)
 
-    def generate(self, prompts: Sequence[str], **options) -> list[dict[str, Any]]:
+    def generate(self, prompts: Prompts, **options) -> list[dict[str, Any]]:
         """Decodes prompts; returns one record per prompt, in input order (`GenerateOptions`)."""
         return self.run(prompts, **options).records
 
@@ -225,18 +229,18 @@ class Model:
         """Ways the batch is split over the mesh (data * fsdp); 1 without a mesh."""
         return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
-    def check(self, prompts: Sequence[str], **options) -> _Plan:
+    def check(self, prompts: Prompts, **options) -> _Plan:
         """Raises ConfigError for options (`GenerateOptions` fields) or prompts that `run` would
         refuse, before any compile (PromptError names the prompt); returns how `run` would decode."""
         return self._plan(prompts, GenerateOptions(**options))
 
-    def _plan(self, prompts: list[str], options: GenerateOptions) -> _Plan:
+    def _plan(self, prompts: Prompts, options: GenerateOptions) -> _Plan:
         """Validates a request and decides how to decode it.
 
         A batch larger than the prompts would only decode copies of the last prompt: it is clamped
         to the prompts (rounded up to the mesh's data*fsdp).
         """
-        check_prompts(prompts)
+        texts, prompt_ids = self._texts_and_ids(prompts, options.chat)
         sampler = Sampler(options.temperature, options.top_k, options.top_p)
         seed, batch_size = options.seed, options.batch_size
         if not isinstance(seed, int) or not 0 <= seed < 2**31:
@@ -279,9 +283,19 @@ class Model:
             if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
                 raise ConfigError(f"max_new_tokens must be an integer, got {budget!r}")
         budgets = [int(b) for b in budgets]
-        prompt_ids = self.encode(prompts, options.chat)
         runner.check_lengths(self.config, [len(p) for p in prompt_ids], budgets)
-        return _Plan(mode, draft_tree, auto, sampler, prompt_ids, budgets, batch_size)
+        return _Plan(mode, draft_tree, auto, sampler, texts, prompt_ids, budgets, batch_size)
+
+    def _texts_and_ids(self, prompts, chat: bool) -> tuple[list[str], list[list[int]]]:
+        """A request's prompt texts and token ids: texts are encoded here (`chat`: in the chat
+        template); token ids are decoded as they are, so the template is theirs to hold."""
+        if not given_as_ids(prompts):
+            check_prompts(prompts)
+            return list(prompts), self.encode(prompts, chat)
+        if chat:
+            raise ConfigError("chat applies the template to texts; token-id prompts are decoded as given")
+        prompt_ids = check_prompt_ids(prompts, self.config.vocab_size)
+        return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids], prompt_ids
 
     def auto_tree(self, batch_size: int, sampled: bool = False, chat: bool = False) -> AutoTree:
         """What tree="auto" decodes with at this batch size, for greedy or sampled decoding, with or
@@ -305,7 +319,7 @@ class Model:
 
     def run(
         self,
-        prompts: list[str],
+        prompts: Prompts,
         on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
         first_index: int = 0,
         on_delta: Callable[[Delta], None] | None = None,
@@ -314,7 +328,8 @@ class Model:
         """Decodes prompts with AR or BiTA.
 
         Args:
-          prompts: prompt texts.
+          prompts: prompt texts, or prompts already encoded (token-id lists, decoded as given:
+            `chat` is for texts).
           on_batch: called with finished records in input order, as soon as every earlier
             prompt is finished too (to write them out at once).
           first_index: the index of prompts[0] in the whole input (a resumed run continues a
@@ -333,7 +348,7 @@ class Model:
                 return stop.value
             on_delta(delta)
 
-    def stream(self, prompts: list[str], first_index: int = 0, **options) -> Iterator[Delta]:
+    def stream(self, prompts: Prompts, first_index: int = 0, **options) -> Iterator[Delta]:
         """Decodes prompts, yielding each prompt's new tokens and text as they are committed
         (several prompts interleaved; options and first_index as in `run`). Options are checked
         when the first delta is asked for."""
@@ -379,7 +394,7 @@ class Model:
 
         def records(done: slice) -> list[dict[str, Any]]:
             ids, budgets = plan.prompt_ids[done], plan.budgets[done]
-            return result_records(self.tokenizer, prompts[done], ids, budgets, generations[done], sampling)
+            return result_records(self.tokenizer, plan.texts[done], ids, budgets, generations[done], sampling)
 
         with mesh_rules(self.mesh):
             events = engine.events(

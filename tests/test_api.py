@@ -118,3 +118,39 @@ def test_mode_errors(tiny_checkpoint):
         model.generate(["x"], mode="beam")
     with pytest.raises(ConfigError, match="temperature must be a finite number >= 0"):
         model.generate(["x"], temperature=-1.0)
+
+
+def test_token_id_prompts_decode_as_their_texts_do(tiny_checkpoint, adapter_dir):
+    """Encoded prompts (HF generate's input_ids, a chat template applied elsewhere, a text continued
+    from its own ids) decode to exactly what their texts give; records carry their decoded text."""
+    import numpy as np
+
+    import bita_jax
+    from bita_jax.errors import ConfigError, PromptError
+
+    model = bita_jax.load(tiny_checkpoint, adapter=adapter_dir)
+    texts = ["def add(a, b):", "import os"]
+    for chat in (False, True):
+        ids = model.encode(texts, chat)
+        given = [ids[0], np.asarray(ids[1], np.int32)]  # lists and 1-D integer arrays alike
+        for mode in ("ar", "bita"):
+            by_text = model.generate(texts, max_new_tokens=8, mode=mode, chat=chat)
+            by_ids = model.generate(given, max_new_tokens=8, mode=mode)
+            assert [r["output_ids"] for r in by_ids] == [r["output_ids"] for r in by_text]
+            assert [r["prompt_ids"] for r in by_ids] == ids
+            assert [r["prompt"] for r in by_ids] == [model.tokenizer.decode(p, False) for p in ids]
+    vocab = model.config.vocab_size
+    with pytest.raises(
+        ConfigError, match="chat applies the template to texts; token-id prompts are decoded as given"
+    ):
+        model.check([ids[0]], chat=True)
+    for bad, reason in (
+        ([ids[0], "import os"], r"prompts\[1\] is a str: prompts are all texts or all token-id lists"),
+        ([ids[0], []], r"prompts\[1\] has no token ids"),
+        ([[1, vocab]], rf"prompts\[0\] holds {vocab}, not a token id in \[0, {vocab}\)"),
+        ([[1, -1]], r"prompts\[0\] holds -1"),
+        ([[1, 2.0]], r"prompts\[0\] holds 2.0"),
+        ([[True]], r"prompts\[0\] holds True"),
+    ):
+        with pytest.raises(PromptError, match=reason):
+            model.check(bad)

@@ -20,6 +20,7 @@ import time
 from bita_jax import api
 from bita_jax.io.gguf import resolve_model
 
+
 def capped(records: list[dict], budget: int, eos_ids: set[int]) -> list[dict]:
     """The records whose answer used its whole budget without ending."""
     return [r for r in records if len(r["output_ids"]) >= budget and r["output_ids"][-1] not in eos_ids]
@@ -47,24 +48,22 @@ def main() -> None:
             done = sum(1 for line in f if line.strip())
     todo = todo[done:]
     print(f"{done} continued before, {len(todo)} to go", flush=True)
-    # The engine takes prompt texts; these keys name records whose ids it decodes from.
-    ids = {str(i): r["prompt_ids"] + r["output_ids"] for i, r in enumerate(todo)}
-    model.encode = lambda keys, chat=False: [ids[k] for k in keys]
-    start = time.perf_counter()
+    pending, start = iter(todo), time.perf_counter()
     with open(args.output, "a") as out:
 
         def write(finished: list[dict]) -> None:
+            """Appends records as they finish (in input order, so each is the next pending answer's)."""
             nonlocal done
-            for rec in finished:
-                r = todo[int(rec["prompt"])]
-                longer = r["output_ids"] + rec["output_ids"]
-                out.write(json.dumps({"prompt": r["prompt"], "prompt_ids": r["prompt_ids"], "output_ids": longer}) + "\n")
+            for rec, r in zip(finished, pending, strict=False):  # finished first: pending stays in step
+                record = {"prompt": r["prompt"], "prompt_ids": r["prompt_ids"]}
+                out.write(json.dumps({**record, "output_ids": r["output_ids"] + rec["output_ids"]}) + "\n")
             out.flush()
             done += len(finished)
             print(f"{done} continued, {time.perf_counter() - start:.0f} s", flush=True)
 
-        # One run over all of them: the engine refills a finished row's slot at once.
-        model.run(list(ids), on_batch=write, max_new_tokens=args.more, batch_size=args.batch_size, mode="ar")
+        # One run over all of them, from each answer's own ids: a finished row's slot refills at once.
+        answers = [r["prompt_ids"] + r["output_ids"] for r in todo]
+        model.run(answers, on_batch=write, max_new_tokens=args.more, batch_size=args.batch_size, mode="ar")
 
 
 if __name__ == "__main__":

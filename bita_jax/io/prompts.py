@@ -1,5 +1,5 @@
-"""Prompts in: prompt texts checked before any work, and prompt jsonl files (what decode.py, the
-tuner, the benchmarks and the demo read).
+"""Prompts in: prompt texts or token-id prompts checked before any work, and prompt jsonl files
+(what decode.py, the tuner, the benchmarks and the demo read).
 """
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Sequence
+
+import numpy as np
 
 from bita_jax.errors import ConfigError, PromptError, UserError
 
@@ -31,6 +33,39 @@ def check_prompts(prompts: Sequence[str]) -> None:
             raise PromptError(
                 index, f"holds invalid Unicode (lone surrogate {text[e.start]!a} at character {e.start})"
             ) from None
+
+
+def given_as_ids(prompts: Sequence) -> bool:
+    """True when a request's prompts come encoded: its first prompt is token ids, not text."""
+    first = prompts[0] if isinstance(prompts, Sequence) and prompts else None
+    return isinstance(first, (Sequence, np.ndarray)) and not isinstance(first, (str, bytes))
+
+
+def check_prompt_ids(prompts: Sequence, vocab_size: int) -> list[list[int]]:
+    """Encoded prompts as plain int lists, refusing, before any work, a text among them, an empty
+    prompt and an id outside the vocabulary.
+
+    Raises:
+      PromptError: naming the first bad prompt.
+    """
+    checked = []
+    for index, ids in enumerate(prompts):
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+            kind = type(ids).__name__
+            raise PromptError(index, f"is a {kind}: prompts are all texts or all token-id lists")
+        if len(ids) == 0:
+            raise PromptError(index, "has no token ids")
+        bad = [t for t in ids if not _is_token_id(t, vocab_size)]
+        if bad:
+            raise PromptError(index, f"holds {bad[0]!r}, not a token id in [0, {vocab_size})")
+        checked.append([int(t) for t in ids])
+    return checked
+
+
+def _is_token_id(value, vocab_size: int) -> bool:
+    """An integer (not a bool) in [0, vocab_size)."""
+    integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    return integer and 0 <= value < vocab_size
 
 
 def read_text_lines(path: str, what: str) -> list[str]:

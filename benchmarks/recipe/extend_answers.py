@@ -21,6 +21,12 @@ from bita_jax import api
 from bita_jax.io.gguf import resolve_model
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a jsonl file, blank lines skipped."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def capped(records: list[dict], budget: int, eos_ids: set[int]) -> list[dict]:
     """The records whose answer used its whole budget without ending."""
     return [r for r in records if len(r["output_ids"]) >= budget and r["output_ids"][-1] not in eos_ids]
@@ -38,8 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = api.load(resolve_model(args.model))
-    with open(args.answers) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(args.answers)
     todo = capped(records, args.budget, set(model.config.eos_token_ids))
     todo = todo[: args.count or len(todo)]
     done = 0

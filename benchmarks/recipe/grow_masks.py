@@ -16,9 +16,7 @@ import os
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from bita_jax.io.adapter_files import resolve_adapter
-
-WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
+from bita_jax.io.adapter_files import CONFIG_FILE, WEIGHTS_FILE, resolve_adapter
 
 
 def main() -> None:
@@ -29,20 +27,18 @@ def main() -> None:
     args = parser.parse_args()
 
     source = resolve_adapter(args.adapter)
-    arrays = load_file(os.path.join(source, WEIGHTS))
-    with open(os.path.join(source, CONFIG)) as f:
+    arrays = load_file(os.path.join(source, WEIGHTS_FILE))
+    with open(os.path.join(source, CONFIG_FILE)) as f:
         config = json.load(f)
     masks = arrays["mask_embeddings"]  # [M, D]
     extra = args.masks - masks.shape[0]
     if extra < 0:
-        raise SystemExit(
-            f"error: the adapter has {masks.shape[0]} masks; --masks {args.masks} would drop some"
-        )
+        parser.error(f"the adapter has {masks.shape[0]} masks; --masks {args.masks} would drop some")
     arrays["mask_embeddings"] = np.concatenate([masks, np.repeat(masks[-1:], extra, axis=0)], axis=0)
     config["bita"]["num_mask_tokens"] = args.masks
     os.makedirs(args.output, exist_ok=True)
-    save_file(arrays, os.path.join(args.output, WEIGHTS))
-    with open(os.path.join(args.output, CONFIG), "w") as f:
+    save_file(arrays, os.path.join(args.output, WEIGHTS_FILE))
+    with open(os.path.join(args.output, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
     print(f"{source}: {masks.shape[0]} -> {args.masks} masks in {args.output}")
 

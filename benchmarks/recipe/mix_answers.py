@@ -11,15 +11,10 @@ import argparse
 import json
 import random
 
-from extend_answers import capped  # this script's neighbour (python puts its folder on the path)
+from extend_answers import capped, read_jsonl  # this script's neighbour (python puts its folder on the path)
 
 from bita_jax.config import ModelConfig
 from bita_jax.io.gguf import resolve_model
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def main() -> None:
